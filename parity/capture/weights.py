@@ -1,0 +1,44 @@
+"""Dump a model's parameters and buffers, for `parity weights`."""
+
+from __future__ import annotations
+
+import torch
+
+from parity.capture.session import layer_from_path
+from parity.store.schema import Record, dtype_name
+from parity.store.stats import tensor_stats
+from parity.store.writer import DumpWriter
+
+_BATCH_BYTES = 256 << 20
+
+
+def dump_weights(model: torch.nn.Module, out_dir: str, *, layers=None, if_exists: str = "error",
+                 rank: int = 0, world_size: int = 1, run_info: dict | None = None) -> int:
+    """Write every parameter and buffer (``layers`` filters by layer index)
+    as records with stage ``weight``. Returns the number of records."""
+    writer = DumpWriter(out_dir, rank, world_size, if_exists=if_exists,
+                        run_info={"kind": "weights", "model": type(model).__name__, **(run_info or {})})
+    batch, size, n = [], 0, 0
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    seen = set()
+    for name, t in named:
+        if name in seen or t is None:
+            continue
+        seen.add(name)
+        layer = layer_from_path(name)
+        if layers is not None and layer is not None and layer not in layers:
+            continue
+        module, _, leaf = name.rpartition(".")
+        cpu = t.detach().to("cpu").contiguous()
+        rec = Record(key=f"{name}:weight", module=name, stage="weight", cls=leaf, layer=layer,
+                     rank=rank, world_size=world_size, shape=list(cpu.shape), dtype=dtype_name(cpu.dtype),
+                     stats=tensor_stats(cpu), seq=writer.next_seq())
+        batch.append((rec, cpu))
+        size += cpu.numel() * cpu.element_size()
+        n += 1
+        if size >= _BATCH_BYTES:
+            writer.write_batch(batch)
+            batch, size = [], 0
+    writer.write_batch(batch)
+    writer.close()
+    return n

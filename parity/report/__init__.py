@@ -1,0 +1,1 @@
+"""Rendering of library results: tables for terminals and files, plots."""

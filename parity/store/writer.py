@@ -1,0 +1,202 @@
+"""Atomic, crash-safe writing of a dump.
+
+A shard is written under a temporary name, flushed to disk, then renamed;
+only then are its manifest lines appended. A crash at any point leaves a dump
+whose manifest names only complete shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+
+import torch
+
+from parity import __version__
+from parity.errors import DumpError
+from parity.store.schema import FORMAT_VERSION, MANIFEST, RUN_FILE, Record, dtype_name, st_code
+
+_SHARD_RE = re.compile(r"^shard-\d{6}\.safetensors$")
+
+
+def holds_run(path: str) -> bool:
+    if os.path.exists(os.path.join(path, RUN_FILE)):
+        return True
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(n.startswith("rank") and os.path.exists(os.path.join(path, n, MANIFEST)) for n in names)
+
+
+def _remove_run(path: str) -> None:
+    # Only files parity wrote are removed; anything else of the user's stays.
+    run = os.path.join(path, RUN_FILE)
+    if os.path.exists(run):
+        os.remove(run)
+    for n in os.listdir(path):
+        d = os.path.join(path, n)
+        if re.fullmatch(r"rank\d+", n) and os.path.isdir(d):
+            for f in os.listdir(d):
+                if f in (MANIFEST, "rank.json") or _SHARD_RE.match(f) or f.startswith(".shard-"):
+                    os.remove(os.path.join(d, f))
+            if not os.listdir(d):
+                os.rmdir(d)
+
+
+def prepare_run_dir(root: str, if_exists: str = "error", rank: int = 0) -> str:
+    """Return the folder this run writes into, applying the policy for a
+    folder that already holds a run: 'error' refuses, 'overwrite' removes the
+    old run's files, 'new' picks a fresh ``run-NNN`` subfolder."""
+    root = os.path.abspath(root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DumpError(f"dump dir {root} exists and is not a folder")
+    rank_dir = os.path.join(root, f"rank{rank}")
+    taken = holds_run(root) if rank == 0 else os.path.exists(os.path.join(rank_dir, MANIFEST))
+    if taken:
+        if if_exists == "error":
+            raise DumpError(
+                f"dump dir {root} already holds a run; choose another folder, or set "
+                "PARITY_DUMP_EXISTING=overwrite (replace it) or =new (write into a fresh run-NNN subfolder)")
+        if if_exists == "overwrite":
+            _remove_run(root)
+        elif if_exists == "new":
+            n = 1
+            while os.path.exists(os.path.join(root, f"run-{n:03d}")):
+                n += 1
+            root = os.path.join(root, f"run-{n:03d}")
+        else:
+            raise DumpError(f"unknown existing-run policy {if_exists!r}")
+    os.makedirs(os.path.join(root, f"rank{rank}"), exist_ok=True)
+    return root
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is contiguous."""
+    t = t.detach().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def content_hash(buf: memoryview) -> str:
+    return "sha256:" + hashlib.sha256(buf).hexdigest()[:32]
+
+
+class DumpWriter:
+    """Writes one rank's records. Not thread-safe: one writer thread owns it."""
+
+    def __init__(self, root: str, rank: int = 0, world_size: int = 1, *, if_exists: str = "error",
+                 run_info: dict | None = None, fsync: bool = True):
+        self.root = prepare_run_dir(root, if_exists, rank)
+        self.rank = rank
+        self.world_size = world_size
+        self.dir = os.path.join(self.root, f"rank{rank}")
+        self.fsync = fsync
+        self._shard_no = 0
+        self._seq = 0
+        self.bytes_written = 0
+        self.records_written = 0
+        self._manifest = open(os.path.join(self.dir, MANIFEST), "a", encoding="utf-8")
+        self.run_info = {
+            "format_version": FORMAT_VERSION,
+            "tool": "parity",
+            "tool_version": __version__,
+            "torch_version": torch.__version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "world_size": world_size,
+        }
+        self.run_info.update(run_info or {})
+        if rank == 0:
+            self.write_run_info()
+
+    def write_run_info(self, **updates) -> None:
+        self.run_info.update(updates)
+        if self.rank != 0:
+            return
+        path = os.path.join(self.root, RUN_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.run_info, fh, indent=1, default=str)
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def next_seq(self) -> int:
+        s = self._seq
+        self._seq += 1
+        return s
+
+    def write_batch(self, items: list[tuple[Record, torch.Tensor | None]]) -> None:
+        """Write the tensors of ``items`` (CPU tensors; None for a stats-only
+        record) as one shard, then every record's manifest line, in order."""
+        tensors = [(rec, t) for rec, t in items if t is not None]
+        if tensors:
+            self._write_shard(tensors)
+        self.append_manifest([rec for rec, _ in items])
+
+    def _write_shard(self, items: list[tuple[Record, torch.Tensor]]) -> None:
+        self._shard_no += 1
+        name = f"shard-{self._shard_no:06d}.safetensors"
+        bufs, header, offset = [], {}, 0
+        for rec, t in items:
+            buf = tensor_bytes(t)
+            rec.tensor = f"t{rec.seq:07d}"
+            rec.file = name
+            rec.shape = list(t.shape)
+            rec.dtype = dtype_name(t.dtype)
+            rec.hash = content_hash(buf)
+            header[rec.tensor] = {"dtype": st_code(t.dtype), "shape": list(t.shape),
+                                  "data_offsets": [offset, offset + buf.nbytes]}
+            bufs.append(buf)
+            offset += buf.nbytes
+        header["__metadata__"] = {"format": "pt", "parity_format": str(FORMAT_VERSION)}
+        hjson = json.dumps(header, separators=(",", ":")).encode()
+        hjson += b" " * (-len(hjson) % 8)
+        tmp = os.path.join(self.dir, f".shard-{self._shard_no:06d}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(len(hjson).to_bytes(8, "little"))
+            fh.write(hjson)
+            for buf in bufs:
+                fh.write(buf)
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(self.dir, name))
+        if self.fsync:
+            _fsync_dir(self.dir)
+        self.bytes_written += offset
+
+    def append_manifest(self, records: list[Record]) -> None:
+        self._manifest.write("".join(r.to_json() + "\n" for r in records))
+        self._manifest.flush()
+        if self.fsync:
+            os.fsync(self._manifest.fileno())
+        self.records_written += len(records)
+
+    def close(self) -> None:
+        if not self._manifest.closed:
+            self._manifest.close()
+        if self.rank == 0:
+            self.write_run_info(end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                records=self.records_written, bytes=self.bytes_written)
+
+
