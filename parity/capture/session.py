@@ -18,7 +18,7 @@ import torch
 from parity.capture.taps import state as _tap_state
 from parity.config import CaptureConfig
 from parity.store.schema import Record, dtype_name
-from parity.store.stats import stats_from_vector, stats_vector, tensor_stats
+from parity.store.stats import stats_from_vector, stats_vector
 from parity.store.writer import DumpWriter
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
@@ -169,7 +169,6 @@ class CaptureSession:
                     batch.append((rec, None))
                 else:
                     cpu = payload.to("cpu") if payload.device.type != "cpu" else payload
-                    rec.stats = tensor_stats(cpu)
                     batch.append((rec, cpu))
                     batch_bytes += cpu.numel() * cpu.element_size()
                 if batch_bytes >= _FLUSH_BYTES or self._queue.empty():

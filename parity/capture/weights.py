@@ -6,7 +6,6 @@ import torch
 
 from parity.capture.session import layer_from_path
 from parity.store.schema import Record, dtype_name
-from parity.store.stats import tensor_stats
 from parity.store.writer import DumpWriter
 
 _BATCH_BYTES = 256 << 20
@@ -32,7 +31,7 @@ def dump_weights(model: torch.nn.Module, out_dir: str, *, layers=None, if_exists
         cpu = t.detach().to("cpu").contiguous()
         rec = Record(key=f"{name}:weight", module=name, stage="weight", cls=leaf, layer=layer,
                      rank=rank, world_size=world_size, shape=list(cpu.shape), dtype=dtype_name(cpu.dtype),
-                     stats=tensor_stats(cpu), seq=writer.next_seq())
+                     seq=writer.next_seq())
         batch.append((rec, cpu))
         size += cpu.numel() * cpu.element_size()
         n += 1

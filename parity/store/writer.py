@@ -18,6 +18,7 @@ import torch
 
 from parity import __version__
 from parity.errors import DumpError
+from parity.store.stats import tensor_stats
 from parity.store.schema import FORMAT_VERSION, MANIFEST, RUN_FILE, Record, dtype_name, st_code
 
 _SHARD_RE = re.compile(r"^shard-\d{6}\.safetensors$")
@@ -158,6 +159,8 @@ class DumpWriter:
         name = f"shard-{self._shard_no:06d}.safetensors"
         bufs, header, offset = [], {}, 0
         for rec, t in items:
+            if not rec.stats:
+                rec.stats = tensor_stats(t)
             buf = tensor_bytes(t)
             rec.tensor = f"t{rec.seq:07d}"
             rec.file = name
