@@ -1,0 +1,386 @@
+"""DeepSeek-V4 as plain math over flat ragged token rows.
+
+Activations are ``[T, hidden]`` (hyper-connection streams ``[T, hc, hidden]``)
+for all sequences of a forward at once; everything sequence-shaped comes in
+through ``ForwardMeta`` index tensors, built once per forward. Module names
+follow transformers' ``DeepseekV4ForCausalLM`` so checkpoints and captures
+line up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runners.engine._tap import tap
+from runners.engine.cache import KVCache, LayerCache
+from runners.engine.config import CSA, SLIDING, ModelConfig
+from runners.engine.metadata import CompressMeta, ForwardMeta
+from runners.engine.ops import ops
+
+
+@dataclass
+class Ctx:
+    """What one forward's layers share: metadata, cache, RoPE tables."""
+
+    meta: ForwardMeta
+    cache: KVCache
+    rope: dict  # "main"/"compress" -> (cos, sin) at the token positions
+    entry_rope: dict  # layer type -> (cos, sin) at the emitted entries' positions
+
+
+def _empty(*shape):
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T. A quantized checkpoint adds a block scale (``weight_scale_inv``)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _empty(out_features, in_features)
+        self.register_buffer("weight_scale_inv", None)
+
+    def forward(self, x):
+        if self.weight_scale_inv is None:
+            return ops.linear(x, self.weight)
+        return ops.fp8_linear(x, self.weight, self.weight_scale_inv)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = _empty(dim)
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.rmsnorm(x, self.weight, self.eps)
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal projection: group g of the input goes through its own slice of weight."""
+
+    def __init__(self, in_per_group: int, out_features: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = _empty(out_features, in_per_group)
+
+    def forward(self, x):  # x: [T, G, in_per_group] -> [T, G, out/G]
+        w = self.weight.view(self.groups, -1, x.shape[-1]).transpose(1, 2)
+        return torch.bmm(x.transpose(0, 1).to(w.dtype), w).transpose(0, 1)
+
+
+class WindowCompressor(nn.Module):
+    """Gated pooling of every `ratio` tokens into one entry (HCA), or, with
+    `overlap`, of the current block's second half-channels plus the previous
+    block's first half-channels (CSA and its indexer)."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, overlap: bool):
+        super().__init__()
+        self.ratio, self.head_dim, self.overlap = ratio, head_dim, overlap
+        width = 2 * head_dim if overlap else head_dim
+        self.kv_proj = Linear(cfg.hidden_size, width)
+        self.gate_proj = Linear(cfg.hidden_size, width)
+        self.position_bias = _empty(ratio, width)
+        self.kv_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+
+    def compress(self, x, cm: CompressMeta, ring_kv, ring_gate, pool, cos, sin):
+        """Emit this forward's closed windows into `pool`; returns them [Nw, head_dim]."""
+        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        width, r, hd = kv.shape[-1], self.ratio, self.head_dim
+        emitted = kv.new_zeros(0, hd)
+        if cm.src_idx.shape[0]:
+            idx = cm.src_idx
+            rows = idx.clamp(min=0)
+            kv_rows = torch.cat([ring_kv.view(-1, width), kv])[rows]
+            gate_rows = torch.cat([ring_gate.view(-1, width), gate])[rows]
+            gate_rows = gate_rows + self.position_bias.repeat(idx.shape[1] // r, 1)
+            if self.overlap:  # previous block's first half, this block's second half
+                kv_rows = torch.cat([kv_rows[:, :r, :hd], kv_rows[:, r:, hd:]], dim=1)
+                gate_rows = torch.cat([gate_rows[:, :r, :hd], gate_rows[:, r:, hd:]], dim=1)
+            missing = (idx < 0).unsqueeze(-1)  # before the sequence start
+            kv_rows = kv_rows.masked_fill(missing, 0.0)
+            gate_rows = gate_rows.masked_fill(missing, float("-inf"))
+            emitted = self.kv_norm(ops.compressor_pool(kv_rows, gate_rows))
+            emitted = ops.rope(emitted, cos, sin)
+            pool[cm.pool_dst] = emitted.to(pool.dtype)
+        ring_kv.view(-1, width)[cm.ring_dst] = kv[cm.ring_src].to(ring_kv.dtype)
+        ring_gate.view(-1, width)[cm.ring_dst] = gate[cm.ring_src].to(ring_gate.dtype)
+        return emitted
+
+
+class IndexerScorer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weights_proj = Linear(cfg.hidden_size, cfg.index_n_heads)
+
+
+class Indexer(WindowCompressor):
+    """Lightning indexer: its own compressed keys, then top-k entries per query."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, layer_idx: int):
+        super().__init__(cfg, ratio, cfg.index_head_dim, overlap=True)
+        self.layer_idx = layer_idx
+        self.n_heads, self.topk = cfg.index_n_heads, cfg.index_topk
+        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
+        self.scorer = IndexerScorer(cfg)
+
+    def forward(self, x, q_res, ctx: Ctx, cm: CompressMeta, lc: LayerCache):
+        cos, sin = ctx.entry_rope[CSA]
+        self.compress(x, cm, lc.idx_kv, lc.idx_gate, lc.idx_pool, cos, sin)
+        cos, sin = ctx.rope["compress"]
+        q = self.q_b_proj(q_res).view(x.shape[0], self.n_heads, self.head_dim)
+        q = ops.rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        w = self.scorer.weights_proj(x).float() * self.n_heads**-0.5
+        m = ctx.meta
+        top = ops.indexer_topk(q, w, lc.idx_pool, cm.entry_idx, m.token_seq, cm.limit, self.topk,
+                               self.head_dim**-0.5)
+        tap(f"model.layers.{self.layer_idx}.self_attn.indexer.topk", top, cu_seqlens=m.cu_seqlens)
+        return top
+
+
+class Compressor(WindowCompressor):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        lt = cfg.layer_types[layer_idx]
+        super().__init__(cfg, cfg.ratio(layer_idx), cfg.head_dim, overlap=lt == CSA)
+        self.layer_idx, self.layer_type = layer_idx, lt
+        self.indexer = Indexer(cfg, self.ratio, layer_idx) if lt == CSA else None
+
+    def forward(self, x, q_res, ctx: Ctx):
+        """Returns the compressed-KV source and, per query, the rows it attends to."""
+        cm = ctx.meta.compress[self.layer_type]
+        lc = ctx.cache.layers[self.layer_idx]
+        cos, sin = ctx.entry_rope[self.layer_type]
+        emitted = self.compress(x, cm, lc.cmp_kv, lc.cmp_gate, lc.cmp_pool, cos, sin)
+        tap(f"model.layers.{self.layer_idx}.self_attn.compressed_kv", emitted, cu_seqlens=cm.emitted_cu)
+        if self.indexer is None:
+            return lc.cmp_pool, cm.attn_idx
+        top = self.indexer(x, q_res, ctx, cm, lc)
+        rows = cm.entry_idx[ctx.meta.token_seq].gather(1, top.clamp(min=0))
+        return lc.cmp_pool, torch.where(top >= 0, rows, torch.full_like(rows, -1))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.head_dim, self.groups = cfg.num_heads, cfg.head_dim, cfg.o_groups
+        self.eps = cfg.rms_norm_eps
+        self.rope_label = "main" if cfg.layer_types[layer_idx] == SLIDING else "compress"
+        self.scaling = cfg.head_dim**-0.5
+        self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
+        self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.num_heads * cfg.head_dim)
+        self.kv_proj = Linear(cfg.hidden_size, cfg.head_dim)
+        self.kv_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.o_a_proj = GroupedLinear(cfg.num_heads * cfg.head_dim // cfg.o_groups,
+                                      cfg.o_groups * cfg.o_lora_rank, cfg.o_groups)
+        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
+        self.sinks = _empty(cfg.num_heads)
+        self.compressor = Compressor(cfg, layer_idx) if cfg.layer_types[layer_idx] != SLIDING else None
+
+    def forward(self, x, ctx: Ctx):
+        T, H, D = x.shape[0], self.n_heads, self.head_dim
+        m, lc = ctx.meta, ctx.cache.layers[self.layer_idx]
+        cos, sin = ctx.rope[self.rope_label]
+        cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        q_res = self.q_a_norm(self.q_a_proj(x))
+        q = ops.rmsnorm_unweighted(self.q_b_proj(q_res).view(T, H, D), self.eps)
+        q = ops.rope(q, cos_h, sin_h)
+        kv = ops.rope(self.kv_norm(self.kv_proj(x)), cos, sin)  # one head, read as K and V
+
+        win = lc.win.view(-1, D)
+        sources = [(torch.cat([win, kv.to(win.dtype)]), m.win_idx)]
+        if self.compressor is not None:
+            sources.append(self.compressor(x, q_res, ctx))
+        out = ops.sparse_attention(q, sources, self.sinks, self.scaling)
+        win[m.win_dst] = kv[m.win_src].to(win.dtype)
+
+        # K=V carried RoPE into the values: rotate back at the query position.
+        out = ops.rope(out, cos_h, -sin_h)
+        out = self.o_a_proj(out.reshape(T, self.groups, -1)).flatten(1)
+        return self.o_b_proj(out)
+
+
+class HyperConnection(nn.Module):
+    """Mixes hc residual streams: collapse weights `pre`, placement `post`, Sinkhorn `comb`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hc = cfg.hc_mult
+        self.hc, self.iters, self.eps, self.norm_eps = hc, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+        self.fn = _empty((2 + hc) * hc, hc * cfg.hidden_size)
+        self.base = _empty((2 + hc) * hc)
+        self.scale = _empty(3)
+        self.name = ""
+
+    def forward(self, streams):
+        pre, post, comb = ops.hc_sinkhorn(streams, self.fn, self.base, self.scale, self.iters, self.eps,
+                                          self.norm_eps)
+        tap(f"{self.name}.mix", comb)
+        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+        return post, comb, collapsed
+
+
+class HyperHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hc = cfg.hc_mult
+        self.eps, self.norm_eps = cfg.hc_eps, cfg.rms_norm_eps
+        self.hc_fn = _empty(hc, hc * cfg.hidden_size)
+        self.hc_base = _empty(hc)
+        self.hc_scale = _empty(1)
+
+    def forward(self, x):
+        flat = ops.rmsnorm_unweighted(x.flatten(1).float(), self.norm_eps)
+        mixes = F.linear(flat, self.hc_fn.float())
+        pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
+        return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
+
+
+class SharedMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.limit = cfg.swiglu_limit
+        self.gate_proj = Linear(cfg.hidden_size, inter)
+        self.up_proj = Linear(cfg.hidden_size, inter)
+        self.down_proj = Linear(inter, cfg.hidden_size)
+
+    def forward(self, x):
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig, is_hash: bool):
+        super().__init__()
+        self.is_hash, self.top_k, self.scoring = is_hash, cfg.top_k, cfg.scoring_func
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = _empty(cfg.n_routed_experts, cfg.hidden_size)
+        if is_hash:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.top_k, dtype=torch.long))
+        else:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x, input_ids):
+        logits = F.linear(x, self.weight.to(x.dtype))
+        if self.scoring == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif self.scoring == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        if self.is_hash:  # which experts is a fixed function of the token id
+            ids = self.tid2eid[input_ids].long()
+        else:  # the correction bias picks experts but never weighs them
+            ids = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
+        w = scores.gather(1, ids)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, w * self.scaling
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.limit = cfg.swiglu_limit
+        self.gate_up_proj = _empty(E, 2 * I, D)
+        self.down_proj = _empty(E, D, I)
+        self.expert_fn = None  # quantized experts install their own math
+
+    def forward(self, x, ids, weights):
+        return ops.fused_moe(x, ids, weights, self.gate_up_proj, self.down_proj, self.limit, self.expert_fn)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = Router(cfg, cfg.mlp_layer_types[layer_idx] == "hash_moe")
+        self.experts = Experts(cfg)
+        self.shared_experts = SharedMLP(cfg)
+
+    def forward(self, x, ctx: Ctx):
+        ids, w = self.gate(x, ctx.meta.input_ids)
+        cu = ctx.meta.cu_seqlens
+        tap(f"model.layers.{self.layer_idx}.mlp.topk_ids", ids, cu_seqlens=cu)
+        tap(f"model.layers.{self.layer_idx}.mlp.topk_weights", w, cu_seqlens=cu)
+        return self.experts(x, ids, w) + self.shared_experts(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MoE(cfg, layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_hc = HyperConnection(cfg)
+        self.ffn_hc = HyperConnection(cfg)
+        self.attn_hc.name = f"model.layers.{layer_idx}.attn_hc"
+        self.ffn_hc.name = f"model.layers.{layer_idx}.ffn_hc"
+
+    def forward(self, streams, ctx: Ctx):
+        dtype = streams.dtype
+        post, comb, collapsed = self.attn_hc(streams)
+        out = self.self_attn(self.input_layernorm(collapsed), ctx)
+        # comb mixes over its first axis: new_k = sum_j comb[j, k] * stream_j
+        streams = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        post, comb, collapsed = self.ffn_hc(streams)
+        out = self.mlp(self.post_attention_layernorm(collapsed), ctx)
+        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+
+
+class DeepseekV4Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hc_head = HyperHead(cfg)
+        self.register_buffer("main_inv_freq", cfg.rope_main.inv_freq(), persistent=False)
+        self.register_buffer("compress_inv_freq", cfg.rope_compress.inv_freq(), persistent=False)
+
+    def _cos_sin(self, label: str, positions, dtype):
+        inv = self.main_inv_freq if label == "main" else self.compress_inv_freq
+        scale = (self.cfg.rope_main if label == "main" else self.cfg.rope_compress).attention_factor
+        freqs = positions.float().unsqueeze(-1) * inv.float().unsqueeze(0)
+        return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+
+    def forward(self, meta: ForwardMeta, cache: KVCache):
+        x = self.embed_tokens(meta.input_ids)
+        dt = x.dtype
+        ctx = Ctx(
+            meta=meta, cache=cache,
+            rope={lbl: self._cos_sin(lbl, meta.positions, dt) for lbl in ("main", "compress")},
+            entry_rope={lt: self._cos_sin("compress", cm.win_pos, dt) for lt, cm in meta.compress.items()},
+        )
+        streams = x.unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
+        for layer in self.layers:
+            streams = layer(streams, ctx)
+        return self.norm(self.hc_head(streams))
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DeepseekV4Model(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+
+    @torch.inference_mode()
+    def forward(self, meta: ForwardMeta, cache: KVCache, all_logits: bool = False):
+        """Logits of each sequence's last row ([B, V]), or of every row ([T, V])."""
+        h = self.model(meta, cache)
+        if not all_logits:
+            h = h[meta.last_rows]
+        return self.lm_head(h).float()
