@@ -1,0 +1,443 @@
+"""Where a gate run's answers come from.
+
+- ``EndpointSource``: any OpenAI-compatible ``/v1/completions`` server,
+  standard library only (urllib + a thread pool), with retries.
+- ``EngineSource`` / ``ReferenceSource``: this project's engine and the
+  transformers reference, run in process. ``parity`` must not import
+  ``runners`` or ``reference_models`` at import time (a user with another
+  engine installs ``parity`` alone), so both resolve their module lazily.
+- ``load_lm_eval``: results (and per-sample logs) that lm-eval already
+  computed.
+
+A source only produces raw generations; cutting at stop sequences and
+scoring live in ``parity.gate.run`` so every source is treated the same.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from parity.errors import ParityError
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr; on a non-terminal (CI logs) it redraws rarely
+    so the log is not flooded with carriage-return frames."""
+    from tqdm import tqdm
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not enabled,
+                mininterval=0.5 if tty else 10.0, dynamic_ncols=True, leave=tty)
+
+
+class AnswerSource:
+    """Produces one greedy generation per prompt."""
+
+    kind = "source"
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str],
+                 progress: bool = True) -> list[str]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- endpoint
+
+class _Retryable(Exception):
+    pass
+
+
+def completions_url(url: str) -> str:
+    """Accept a server root, a ``/v1`` base or the full completions URL."""
+    if "://" not in url:
+        url = "http://" + url
+    parsed = urllib.parse.urlsplit(url)
+    if not parsed.netloc:
+        raise ParityError(f"--endpoint {url!r} is not a URL")
+    path = parsed.path.rstrip("/")
+    if path.endswith("/completions"):
+        pass
+    elif path.endswith("/v1"):
+        path += "/completions"
+    else:
+        path += "/v1/completions"
+    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, parsed.query, ""))
+
+
+def models_url(completions: str) -> str:
+    base = completions[: -len("/completions")]
+    return base + "/models"
+
+
+class EndpointSource(AnswerSource):
+    """Greedy completions from an OpenAI-compatible server.
+
+    The request body is the one lm-eval's ``local-completions`` model sends
+    for this task (prompt, model, max_tokens, temperature 0, stop, seed), one
+    prompt per request so that the server's batching cannot reorder anything
+    the gate sees.
+    """
+
+    kind = "endpoint"
+    RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+    def __init__(self, url: str, model: str | None = None, *, concurrency: int = 8,
+                 timeout: float = 300.0, retries: int = 4, backoff: float = 1.0,
+                 max_backoff: float = 30.0, seed: int = 1234, api_key: str | None = None):
+        if concurrency < 1:
+            raise ParityError(f"--concurrency must be >= 1, got {concurrency}")
+        if retries < 0:
+            raise ParityError(f"--retries must be >= 0, got {retries}")
+        self.url = completions_url(url)
+        self.model = model
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.seed = seed
+        self.api_key = api_key
+        # Set when one request has failed for good: requests still queued or
+        # retrying give up instead of hammering a dead server.
+        self._abort = threading.Event()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "url": self.url, "model": self.model,
+                "concurrency": self.concurrency}
+
+    # -- HTTP ------------------------------------------------------------------
+
+    def _request(self, url: str, payload: dict | None) -> dict:
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(url, data=data, headers=headers,
+                                     method="GET" if data is None else "POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode("utf-8", "replace").strip()
+            if exc.code in self.RETRY_STATUS:
+                raise _Retryable(f"HTTP {exc.code} {detail}") from None
+            raise ParityError(f"{url} answered HTTP {exc.code}: {detail or exc.reason}") from None
+        except urllib.error.URLError as exc:
+            raise _Retryable(f"{exc.reason}") from None
+        except (socket.timeout, TimeoutError):
+            raise _Retryable(f"no answer within {self.timeout:g} s") from None
+        except (ConnectionError, OSError) as exc:
+            raise _Retryable(str(exc) or type(exc).__name__) from None
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            raise ParityError(f"{url} did not answer JSON: {body[:200]!r}") from None
+
+    def _with_retries(self, url: str, payload: dict | None) -> dict:
+        t0 = time.monotonic()
+        delay = self.backoff
+        last = "not attempted"
+        for attempt in range(self.retries + 1):
+            if self._abort.is_set():
+                raise ParityError(f"endpoint {url}: run aborted after an earlier request failed")
+            try:
+                return self._request(url, payload)
+            except _Retryable as exc:
+                last = str(exc)
+                if attempt == self.retries:
+                    break
+                self._abort.wait(delay)
+                delay = min(delay * 2, self.max_backoff)
+        raise ParityError(f"endpoint {url} failed after {self.retries + 1} attempts over "
+                          f"{time.monotonic() - t0:.1f} s (last error: {last}); is the server "
+                          "running and reachable?")
+
+    def resolve_model(self) -> str:
+        """The served model's name, from ``/v1/models`` when not given."""
+        if self.model:
+            return self.model
+        url = models_url(self.url)
+        reply = self._with_retries(url, None)
+        try:
+            self.model = str(reply["data"][0]["id"])
+        except (KeyError, IndexError, TypeError):
+            raise ParityError(f"{url} lists no model; pass --model NAME") from None
+        return self.model
+
+    def complete(self, prompt: str, max_new_tokens: int, stop: Sequence[str]) -> str:
+        payload = {"model": self.resolve_model(), "prompt": prompt, "max_tokens": max_new_tokens,
+                   "temperature": 0.0, "stop": list(stop), "seed": self.seed}
+        reply = self._with_retries(self.url, payload)
+        try:
+            choices = reply["choices"]
+            choice = min(choices, key=lambda c: c.get("index", 0)) if len(choices) > 1 else choices[0]
+            text = choice["text"]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise ParityError(f"{self.url} answered without choices[0].text: "
+                              f"{json.dumps(reply)[:200]}") from None
+        if not isinstance(text, str):
+            raise ParityError(f"{self.url} answered a non-string text: {text!r:.100}")
+        return text
+
+    def generate(self, prompts, *, max_new_tokens, stop, progress=True):
+        if not prompts:
+            return []
+        self._abort.clear()
+        self.resolve_model()
+        out: list[str | None] = [None] * len(prompts)
+        with progress_bar(len(prompts), "gsm8k endpoint", progress) as bar:
+            # One request alone first: a server that is down fails once, with
+            # one clear message, instead of N times in parallel.
+            out[0] = self.complete(prompts[0], max_new_tokens, stop)
+            bar.update(1)
+            if len(prompts) == 1:
+                return out  # type: ignore[return-value]
+            pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="gate")
+            try:
+                futs = {pool.submit(self.complete, p, max_new_tokens, stop): i
+                        for i, p in enumerate(prompts) if i > 0}
+                pending = set(futs)
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in done:
+                        try:
+                            out[futs[f]] = f.result()
+                        except BaseException:
+                            self._abort.set()
+                            raise
+                        bar.update(1)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- in-process
+
+def _import_optional(module: str, flag: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ParityError(f"{flag} needs {what} (module {module}), which cannot be imported "
+                          f"here: {exc}") from None
+
+
+def _batched(seq: Sequence, n: int):
+    for i in range(0, len(seq), n):
+        yield i, seq[i:i + n]
+
+
+class EngineSource(AnswerSource):
+    """This project's engine, in process."""
+
+    kind = "engine"
+
+    def __init__(self, ckpt: str, precision: str | None = None, batch_size: int = 16,
+                 device: str | None = None):
+        if not Path(ckpt).exists():
+            raise ParityError(f"--engine {ckpt}: no such checkpoint")
+        self.ckpt, self.precision, self.batch_size = ckpt, precision, max(1, batch_size)
+        self.device = device
+        self._engine = None
+
+    def describe(self):
+        return {"kind": self.kind, "ckpt": str(self.ckpt), "precision": self.precision,
+                "device": self.device}
+
+    def _load(self):
+        if self._engine is None:
+            mod = _import_optional("runners.engine", "--engine", "the project's engine")
+            Engine = getattr(mod, "Engine", None)
+            if Engine is None:
+                raise ParityError("--engine: runners.engine has no Engine class yet")
+            # Only what the user chose: the engine's own defaults stay its own.
+            kwargs = {k: v for k, v in (("precision", self.precision), ("device", self.device))
+                      if v is not None}
+            self._engine = Engine(self.ckpt, **kwargs)
+        return self._engine
+
+    def generate(self, prompts, *, max_new_tokens, stop, progress=True):
+        engine = self._load()
+        out: list[str] = []
+        with progress_bar(len(prompts), "gsm8k engine", progress) as bar:
+            for _, chunk in _batched(list(prompts), self.batch_size):
+                results = engine.generate(list(chunk), max_new_tokens=max_new_tokens, greedy=True,
+                                          stop=list(stop))
+                if len(results) != len(chunk):
+                    raise ParityError(f"engine returned {len(results)} results for {len(chunk)} prompts")
+                out += [getattr(r, "text", r) for r in results]
+                bar.update(len(chunk))
+        return out
+
+
+class ReferenceSource(AnswerSource):
+    """The transformers reference, in process, greedy with stop sequences."""
+
+    kind = "reference"
+
+    def __init__(self, ckpt: str, precision: str | None = None, device: str | None = None):
+        if not Path(ckpt).exists():
+            raise ParityError(f"--reference {ckpt}: no such checkpoint")
+        self.ckpt, self.precision, self.device = ckpt, precision, device
+        self._gen = None
+
+    def describe(self):
+        return {"kind": self.kind, "ckpt": str(self.ckpt), "precision": self.precision,
+                "device": self.device}
+
+    def generate(self, prompts, *, max_new_tokens, stop, progress=True):
+        if self._gen is None:
+            mod = _import_optional("runners.reference_generate", "--reference",
+                                   "the reference generator and reference_models.load")
+            try:
+                self._gen = mod.ReferenceGenerator.from_checkpoint(self.ckpt, self.precision,
+                                                                   self.device)
+            except ImportError as exc:
+                raise ParityError(f"--reference needs reference_models.load, which cannot be "
+                                  f"imported here: {exc}") from None
+        with progress_bar(len(prompts), "gsm8k reference", progress) as bar:
+            return self._gen.generate(list(prompts), max_new_tokens=max_new_tokens, stop=list(stop),
+                                      on_done=bar.update)
+
+
+# --------------------------------------------------------------------------- lm-eval
+
+@dataclass
+class LmEvalRun:
+    """What an lm-eval run reported for gsm8k."""
+
+    task: str
+    accuracy: dict[str, tuple[float, float]]   # filter -> (acc, stderr)
+    n: int | None
+    num_fewshot: int | None
+    lm_eval_version: str | None
+    model: dict | None
+    samples: list[dict] = field(default_factory=list)  # one per doc, see _parse_samples
+    results_path: str | None = None
+    samples_path: str | None = None
+
+
+def _read_json(path: str | Path, what: str):
+    p = Path(path)
+    if not p.is_file():
+        raise ParityError(f"{what}: {p} does not exist")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ParityError(f"{what}: {p} is not JSON: {exc}") from None
+
+
+def _pick_task(results: dict, path) -> str:
+    if "gsm8k" in results:
+        return "gsm8k"
+    cands = [k for k, v in results.items()
+             if isinstance(v, dict) and "exact_match,strict-match" in v]
+    if len(cands) == 1:
+        return cands[0]
+    raise ParityError(f"--lm-eval-results {path}: no single gsm8k task among "
+                      f"{', '.join(sorted(results)) or 'no tasks'}")
+
+
+def _number(v):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def _first_text(resps):
+    # lm-eval logs resps as [[text]] (one list per request, one entry per repeat).
+    while isinstance(resps, list) and resps:
+        resps = resps[0]
+    return resps if isinstance(resps, str) else ""
+
+
+def _parse_samples(path: str | Path) -> list[dict]:
+    """One entry per document from lm-eval's samples jsonl (which holds one
+    line per document and filter)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ParityError(f"lm-eval samples: {p} does not exist")
+    docs: dict[int, dict] = {}
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                s = json.loads(line)
+                doc_id = int(s["doc_id"])
+                filt = s["filter"]
+                doc = s["doc"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise ParityError(f"lm-eval samples: {p}:{lineno} is not an lm-eval sample record "
+                                  "(needs doc_id, doc, filter)") from None
+            if not isinstance(doc, dict) or "question" not in doc or "answer" not in doc:
+                raise ParityError(f"lm-eval samples: {p}:{lineno} is not a gsm8k document")
+            e = docs.setdefault(doc_id, {"doc_id": doc_id, "question": doc["question"],
+                                         "answer": doc["answer"],
+                                         "generation": _first_text(s.get("resps")),
+                                         "prompt_hash": s.get("prompt_hash"),
+                                         "prompt": None, "lm_eval": {}})
+            args = s.get("arguments")
+            if isinstance(args, dict) and e["prompt"] is None:
+                e["prompt"] = (args.get("gen_args_0") or {}).get("arg_0")
+            filtered = s.get("filtered_resps")
+            e["lm_eval"][filt] = {"answer": _first_text(filtered) if isinstance(filtered, list) else filtered,
+                                  "exact_match": _number(s.get("exact_match"))}
+    if not docs:
+        raise ParityError(f"lm-eval samples: {p} holds no samples")
+    return [docs[k] for k in sorted(docs)]
+
+
+def load_lm_eval(results_path: str | Path, samples_path: str | Path | None = None) -> LmEvalRun:
+    raw = _read_json(results_path, "--lm-eval-results")
+    results = raw.get("results") if isinstance(raw, dict) else None
+    if not isinstance(results, dict):
+        raise ParityError(f"--lm-eval-results {results_path}: no 'results' object; "
+                          "is this lm-eval's results_*.json?")
+    task = _pick_task(results, results_path)
+    entry = results[task]
+    acc = {}
+    for filt in ("strict-match", "flexible-extract"):
+        key = f"exact_match,{filt}"
+        if key in entry:
+            acc[filt] = (_number(entry[key]), _number(entry.get(f"exact_match_stderr,{filt}")))
+    if not acc:
+        raise ParityError(f"--lm-eval-results {results_path}: task {task} has no exact_match "
+                          "for strict-match or flexible-extract")
+    n = None
+    ns = (raw.get("n-samples") or {}).get(task)
+    if isinstance(ns, dict) and "effective" in ns:
+        n = int(ns["effective"])
+    elif "sample_len" in entry:
+        n = int(entry["sample_len"])
+    shot = (raw.get("n-shot") or {}).get(task)
+    cfg = raw.get("config") if isinstance(raw.get("config"), dict) else None
+    model = None
+    if cfg:
+        model = {"model": cfg.get("model"), "model_args": cfg.get("model_args")}
+    run = LmEvalRun(task=task, accuracy=acc, n=n,
+                    num_fewshot=int(shot) if isinstance(shot, (int, float)) else None,
+                    lm_eval_version=raw.get("lm_eval_version"), model=model,
+                    results_path=str(results_path))
+    if samples_path is not None:
+        run.samples = _parse_samples(samples_path)
+        run.samples_path = str(samples_path)
+    return run
