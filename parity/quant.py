@@ -41,10 +41,6 @@ ROUNDINGS = ("ceil", "rne")
 
 # e2m1 magnitudes indexed by the 3-bit code (sign is bit 3).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# Midpoints between neighbouring magnitudes; at a tie, round-to-nearest-even
-# picks the code with a zero mantissa bit (the even code).
-_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_FP4_TIE_GOES_UP = (False, True, False, True, False, True, False)
 
 
 # ---------------------------------------------------------------- scales
@@ -145,19 +141,26 @@ def qdq_fp8_weight(w: torch.Tensor, block: tuple[int, int] = WEIGHT_BLOCK_FP8, r
 # ---------------------------------------------------------------- FP4 codes
 
 
-def fp4_encode(x: torch.Tensor) -> torch.Tensor:
-    """4-bit e2m1 codes (uint8, 0..15) of already-scaled float values.
+def fp4_round(x: torch.Tensor) -> torch.Tensor:
+    """Already-scaled values rounded onto the e2m1 grid (float32).
 
-    Round to nearest, ties to even; magnitudes above 6 saturate to 6; -0.0
-    becomes code 0 so the packing is canonical.
+    Round to nearest, ties to even code; magnitudes above 6 saturate. The grid
+    has spacing 0.5 below 2, 1 below 4 and 2 up to 6, and in each range the
+    even multiples of the spacing are exactly the even codes, so torch.round
+    (half to even) on the rescaled value is the e2m1 rounding.
     """
     mag = x.float().abs()
-    mids = torch.tensor(_FP4_MIDPOINTS, device=x.device)
-    code = torch.bucketize(mag, mids, right=False)
-    ties_up = torch.tensor([m for m, up in zip(_FP4_MIDPOINTS, _FP4_TIE_GOES_UP) if up], device=x.device)
-    code = code + torch.isin(mag, ties_up).to(code.dtype)
-    sign = ((x < 0) & (code > 0)).to(code.dtype) << 3
-    return (code | sign).to(torch.uint8)
+    q = torch.where(mag < 2, torch.round(mag * 2) / 2, torch.where(mag < 4, torch.round(mag), torch.round(mag / 2) * 2))
+    return torch.copysign(q.clamp(max=FP4_MAX), x.float())
+
+
+def fp4_encode(x: torch.Tensor) -> torch.Tensor:
+    """4-bit e2m1 codes (uint8, 0..15) of already-scaled float values, rounded
+    as ``fp4_round``; -0.0 becomes code 0 so the packing is canonical."""
+    q = fp4_round(x)
+    mag = q.abs()
+    code = torch.where(mag < 2, mag * 2, torch.where(mag < 4, mag + 2, mag / 2 + 4)).to(torch.uint8)
+    return code | ((q < 0).to(torch.uint8) << 3)
 
 
 def fp4_decode(code: torch.Tensor) -> torch.Tensor:
@@ -208,9 +211,14 @@ def dequantize_fp4_weight(
 
 
 def qdq_fp4_weight(w: torch.Tensor, block: int = BLOCK_FP4, rounding: str = "ceil") -> torch.Tensor:
-    """Quantize-dequantize ``w`` through FP4 e2m1 per ``block`` inputs."""
-    packed, s = quantize_fp4_weight(w, block, rounding)
-    return dequantize_fp4_weight(packed, s, w.shape[-1], block, dtype=w.dtype)
+    """Quantize-dequantize ``w`` through FP4 e2m1 per ``block`` inputs (same
+    values as packing and unpacking, without the bytes)."""
+    _check_rounding(rounding)
+    k = w.shape[-1]
+    wp = _pad_to(w.float(), (block,))
+    groups = wp.reshape(*wp.shape[:-1], -1, block)
+    scale = pow2_scale(groups.abs().amax(dim=-1), FP4_MAX, rounding)[..., None]
+    return (fp4_round(groups / scale) * scale).reshape(wp.shape)[..., :k].to(w.dtype)
 
 
 # ---------------------------------------------------------------- FP8 activations

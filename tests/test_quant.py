@@ -114,6 +114,14 @@ def test_fp4_weight_padding_and_zero_group():
     assert deq.shape == w.shape and (deq[:, :32] == 0).all()
     rel = (deq - w).abs().max() / w.abs().max()
     assert rel < 0.25
+    assert torch.equal(Q.qdq_fp4_weight(w), deq)
+
+
+@pytest.mark.parametrize("rounding", ["ceil", "rne"])
+def test_fp4_fast_qdq_matches_packed_path(rounding):
+    w = torch.randn(4, 16, 96) * torch.logspace(-3, 3, 96)
+    packed, s = Q.quantize_fp4_weight(w, rounding=rounding)
+    assert torch.equal(Q.qdq_fp4_weight(w, rounding=rounding), Q.dequantize_fp4_weight(packed, s))
 
 
 @pytest.mark.parametrize("rounding", ["ceil", "rne"])
