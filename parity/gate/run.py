@@ -414,13 +414,13 @@ def diff_samples(a: pd.DataFrame, b: pd.DataFrame, filt: str = "strict-match",
     if filt not in FILTERS:
         raise ParityError(f"unknown filter {filt!r}; choose one of {', '.join(FILTERS)}")
     col, ok = answer_col(filt), correct_col(filt)
-    ai = a.drop_duplicates("doc_id").set_index("doc_id")
-    bi = b.drop_duplicates("doc_id").set_index("doc_id")
-    common = sorted(set(ai.index) & set(bi.index))
+    ia = a.drop_duplicates("doc_id").set_index("doc_id")
+    ib = b.drop_duplicates("doc_id").set_index("doc_id")
+    common = sorted(set(ia.index) & set(ib.index))
     rows = []
     lost = gained = changed = prompt_mismatch = text_only = 0
     for d in common:
-        ra, rb = ai.loc[d], bi.loc[d]
+        ra, rb = ia.loc[d], ib.loc[d]
         if ra["prompt_hash"] and rb["prompt_hash"] and ra["prompt_hash"] != rb["prompt_hash"]:
             prompt_mismatch += 1
         ca, cb = bool(ra[ok]), bool(rb[ok])
@@ -447,10 +447,10 @@ def diff_samples(a: pd.DataFrame, b: pd.DataFrame, filt: str = "strict-match",
     counts = {
         "filter": filt,
         "common questions": len(common),
-        "only in A": len(set(ai.index) - set(bi.index)),
-        "only in B": len(set(bi.index) - set(ai.index)),
-        "correct in A": int(sum(bool(ai.loc[d, ok]) for d in common)),
-        "correct in B": int(sum(bool(bi.loc[d, ok]) for d in common)),
+        "only in A": len(set(ia.index) - set(ib.index)),
+        "only in B": len(set(ib.index) - set(ia.index)),
+        "correct in A": int(sum(bool(ia.loc[d, ok]) for d in common)),
+        "correct in B": int(sum(bool(ib.loc[d, ok]) for d in common)),
         "correct in A only (lost in B)": lost,
         "correct in B only (gained in B)": gained,
         "same correctness, other answer": changed,
