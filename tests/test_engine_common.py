@@ -103,3 +103,34 @@ class one_thread:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.saved)
+
+
+def run_engine(eng, prompt_list, max_new_tokens, params=None):
+    """Submit prompts, step to completion; returns {index: (tokens, [logits row per sampled token])}."""
+    from runners.engine import SamplingParams
+
+    rows: dict[int, list] = {}
+    orig = eng.forward
+
+    def spy(chunks, **kw):
+        out = orig(chunks, **kw)
+        for c, row in zip(chunks, out):
+            rows.setdefault(c.seq_id, []).append((c.end, row.clone()))
+        return out
+
+    eng.forward = spy
+    try:
+        mnt = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompt_list)
+        rids = [eng.add_request(p, params or SamplingParams(max_new_tokens=m, ignore_eos=True))
+                for p, m in zip(prompt_list, mnt)]
+        while eng.has_unfinished():
+            eng.step()
+    finally:
+        eng.forward = orig
+    out = {}
+    for i, (rid, p) in enumerate(zip(rids, prompt_list)):
+        req = eng.requests.pop(rid)
+        # only rows whose forward reached the end of the known tokens were sampled from
+        sampled = [row for end, row in rows[rid] if end >= len(p)]
+        out[i] = (req.output_ids, torch.stack(sampled))
+    return out
