@@ -66,6 +66,8 @@ def test_cli_exit_codes():
     assert paired.exit_code == 2 and "--lm-eval-samples" in paired.output
     alone = r.invoke(cli, ["gate", "gsm8k", "--endpoint", "http://x", "--lm-eval-samples", str(SAMPLES)])
     assert alone.exit_code == 2
+    limit = r.invoke(cli, ["gate", "gsm8k", "--lm-eval-results", str(RESULTS), "--limit", "5"])
+    assert limit.exit_code == 2 and "--limit do not apply" in limit.output
 
 
 def test_bad_files(tmp_path):

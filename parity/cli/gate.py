@@ -89,6 +89,15 @@ def gsm8k_cmd(endpoint, engine, reference, lm_eval_results, lm_eval_samples, mod
         raise ParityError("give exactly one source of answers: --endpoint URL, --engine CKPT, "
                           "--reference CKPT or --lm-eval-results FILE"
                           + (f" (got {', '.join(given)})" if given else ""))
+    if lm_eval_results is not None:
+        ctx = click.get_current_context()
+        src = click.core.ParameterSource.COMMANDLINE
+        fixed = [f"--{n.replace('_', '-')}" for n in ("data", "fewshot_data", "limit", "num_fewshot",
+                                                      "max_new_tokens")
+                 if ctx.get_parameter_source(n) == src]
+        if fixed:
+            raise ParityError(f"{', '.join(fixed)} do not apply to --lm-eval-results: "
+                              "lm-eval already chose the questions and prompts")
     if lm_eval_samples is not None and lm_eval_results is None:
         raise ParityError("--lm-eval-samples goes with --lm-eval-results")
     if model is not None and endpoint is None:
