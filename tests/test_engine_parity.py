@@ -103,7 +103,7 @@ def test_routing_identical(runs):
         for step in range(1 + N_DECODE):
             for i in range(runs["cfg"].num_layers):
                 name = f"model.layers.{i}.mlp.gate"
-                ids, w = _engine_rows(runs, name, step, b)
+                _, w, ids = _engine_rows(runs, name, step, b)
                 _, rw, rids = ref_rec.out[name][step]
                 e_ids, e_ord = ids.sort(dim=-1)
                 r_ids, r_ord = rids.sort(dim=-1)

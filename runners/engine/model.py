@@ -151,17 +151,18 @@ class Compressor(WindowCompressor):
         self.indexer = Indexer(cfg, self.ratio, layer_idx) if lt == CSA else None
 
     def forward(self, x, q_res, ctx: Ctx):
-        """Returns the compressed-KV source and, per query, the rows it attends to."""
+        """Emits this forward's entries into the pool; returns them and, per
+        query, the pool rows it attends to (-1 for none)."""
         cm = ctx.meta.compress[self.layer_type]
         lc = ctx.cache.layers[self.layer_idx]
         cos, sin = ctx.entry_rope[self.layer_type]
         emitted = self.compress(x, cm, lc.cmp_kv, lc.cmp_gate, lc.cmp_pool, cos, sin)
         tap(f"model.layers.{self.layer_idx}.self_attn.compressed_kv", emitted, cu_seqlens=cm.emitted_cu)
         if self.indexer is None:
-            return lc.cmp_pool, cm.attn_idx
+            return emitted, cm.attn_idx
         top = self.indexer(x, q_res, ctx, cm, lc)
         rows = cm.entry_idx[ctx.meta.token_seq].gather(1, top.clamp(min=0))
-        return lc.cmp_pool, torch.where(top >= 0, rows, torch.full_like(rows, -1))
+        return emitted, torch.where(top >= 0, rows, torch.full_like(rows, -1))
 
 
 class Attention(nn.Module):
@@ -197,7 +198,8 @@ class Attention(nn.Module):
         win = lc.win.view(-1, D)
         sources = [(torch.cat([win, kv.to(win.dtype)]), m.win_idx)]
         if self.compressor is not None:
-            sources.append(self.compressor(x, q_res, ctx))
+            _, rows = self.compressor(x, q_res, ctx)
+            sources.append((lc.cmp_pool, rows))
         out = ops.sparse_attention(q, sources, self.sinks, self.scaling)
         win[m.win_dst] = kv[m.win_src].to(win.dtype)
 
@@ -283,7 +285,7 @@ class Router(nn.Module):
             ids = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
         w = scores.gather(1, ids)
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return ids, w * self.scaling
+        return logits, w * self.scaling, ids
 
 
 class Experts(nn.Module):
@@ -308,7 +310,7 @@ class MoE(nn.Module):
         self.shared_experts = SharedMLP(cfg)
 
     def forward(self, x, ctx: Ctx):
-        ids, w = self.gate(x, ctx.meta.input_ids)
+        _, w, ids = self.gate(x, ctx.meta.input_ids)
         cu = ctx.meta.cu_seqlens
         tap(f"model.layers.{self.layer_idx}.mlp.topk_ids", ids, cu_seqlens=cu)
         tap(f"model.layers.{self.layer_idx}.mlp.topk_weights", w, cu_seqlens=cu)
