@@ -134,7 +134,7 @@ def get(name: str) -> Callable:
 def describe() -> list[Choice]:
     if not ops._fns:
         ops.build()
-    return [ops._choices[n] for n in OP_NAMES]
+    return [ops._choices[n] for n in OP_NAMES if n in ops._choices]
 
 
 def backend_status() -> dict[str, str]:
