@@ -1,0 +1,1 @@
+"""Compare two dumps: float64 metrics, canonical keys, pass/warn/fail verdicts."""
