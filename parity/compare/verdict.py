@@ -1,0 +1,181 @@
+"""pass / warn / fail for one pair of records, from its metrics.
+
+Two modes:
+- fixed thresholds per dtype (``verdict_for``), picked from the less precise
+  dtype of the pair;
+- noise floor (``floor_verdict``): the target may be at most ``m`` times as
+  far from a higher-precision run as the reference is, plus ``atol``.
+
+Why these numbers: docs/metrics.md (measured on a small residual MLP stack,
+the same experiment as tests/test_verdict.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+import torch
+
+from parity.errors import ParityError
+
+Status = Literal["pass", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: Status
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "fail"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits for one precision. A metric beyond ``*_fail`` fails, beyond
+    ``*_warn`` warns. The cos limits are the angle equivalent of the rel_l2
+    ones (rel_l2 >= sin(angle)), so by default they agree; set rel_l2 to inf
+    to judge direction only."""
+
+    label: str
+    rel_l2_warn: float
+    rel_l2_fail: float
+    cos_warn: float
+    cos_fail: float
+    floor_m: float          # noise-floor multiplier
+    floor_atol: float       # noise-floor absolute slack (unit roundoff)
+
+
+def _cos_for(rel: float) -> float:
+    # Below ~1e-7 the angle is lost in float64 rounding of the cosine
+    # itself (1 - rel^2/2 rounds to 1): -1 switches the check off.
+    return math.sqrt(1.0 - rel * rel) if rel > 1e-7 else -1.0
+
+
+def _row(label, warn, fail, m, atol) -> Thresholds:
+    return Thresholds(label, warn, fail, _cos_for(warn), _cos_for(fail), m, atol)
+
+
+# Keyed by the less precise dtype of a pair. bf16/fp16 sit at a few roundings
+# (one bf16 rounding of a tensor is ~2e-3 rel_l2); fp32 at ~100-1000 eps
+# because fp32 kernels differ by reduction order over K ~ 7k terms and by
+# transcendental approximations, not by the last rounding.
+THRESHOLDS: dict[str, Thresholds] = {
+    "float8": _row("fp8", 1.5e-1, 3.0e-1, 3.0, 6.25e-2),
+    "bfloat16": _row("bf16", 1.0e-2, 2.0e-2, 3.0, 2.0 ** -8),
+    "float16": _row("fp16", 1.5e-3, 3.0e-3, 3.0, 2.0 ** -11),
+    "float32": _row("fp32", 1.0e-5, 1.0e-4, 2.0, 2.0 ** -24),
+    "float64": _row("fp64", 1.0e-13, 1.0e-12, 2.0, 2.0 ** -53),
+}
+
+# Integer records (top-k ids, expert ids): a near-tie may flip under rounding,
+# so any difference warns and only a larger share fails; decisions.py judges
+# flips against their score margins.
+IDS_FAIL_FRAC = 0.05
+
+
+def _dtype(d) -> torch.dtype | None:
+    if isinstance(d, torch.dtype):
+        return d
+    dt = getattr(torch, str(d).removeprefix("torch."), None)
+    return dt if isinstance(dt, torch.dtype) else None
+
+
+def _key_for(dt: torch.dtype) -> str:
+    eps = torch.finfo(dt).eps
+    if eps >= 2.0 ** -4:
+        return "float8"
+    if eps >= 2.0 ** -8:
+        return "bfloat16"
+    if eps >= 2.0 ** -11:
+        return "float16"
+    if eps >= 2.0 ** -24:
+        return "float32"
+    return "float64"
+
+
+def thresholds_for(dtype_a, dtype_b=None, table: Mapping[str, Thresholds] | None = None) -> Thresholds:
+    """The row for the less precise float dtype of the pair (names or torch
+    dtypes); an integer side is ignored; no float side at all -> float32."""
+    table = THRESHOLDS if table is None else table
+    floats = [dt for dt in map(_dtype, (dtype_a, dtype_b)) if dt is not None and dt.is_floating_point]
+    if not floats:
+        return table["float32"]
+    return table[_key_for(max(floats, key=lambda dt: torch.finfo(dt).eps))]
+
+
+def _e(x: float) -> str:
+    return f"{x:.1e}"
+
+
+def _nonfinite_reason(m: dict) -> str:
+    na, ia, nb, ib = m.get("nan_a", 0), m.get("inf_a", 0), m.get("nan_b", 0), m.get("inf_b", 0)
+    n = m["nonfinite_mismatch"]
+    if nb == ib == 0:
+        return f"target has NaN/Inf, reference none ({na} NaN, {ia} Inf; {n} positions differ)"
+    if na == ia == 0:
+        return f"reference has NaN/Inf, target none ({nb} NaN, {ib} Inf; {n} positions differ)"
+    return (f"NaN/Inf differ at {n} positions (target {na} NaN {ia} Inf, "
+            f"reference {nb} NaN {ib} Inf)")
+
+
+def _ids_verdict(m: dict) -> Verdict:
+    diff = 1.0 - m["frac_equal"]
+    if diff == 0.0:
+        return Verdict("pass", "identical")
+    where = f"{diff:.1%} of positions differ (max |diff| {m['max_abs']:g} at {m['max_abs_index']})"
+    return Verdict("fail" if diff > IDS_FAIL_FRAC else "warn", where)
+
+
+def verdict_for(metrics: dict, *, thresholds: Thresholds | Mapping[str, Thresholds] | None = None) -> Verdict:
+    """Verdict from pair_metrics() output. `thresholds`: one row to use as
+    is, or a table keyed like THRESHOLDS, default THRESHOLDS."""
+    m = metrics
+    if m.get("shape_mismatch"):
+        return Verdict("fail", f"shape {m['shape_a']} vs reference {m['shape_b']}")
+    if m.get("nonfinite_mismatch", 0):
+        return Verdict("fail", _nonfinite_reason(m))
+    if m.get("rel_l2") is None:
+        return _ids_verdict(m)
+    t = thresholds if isinstance(thresholds, Thresholds) else thresholds_for(
+        m["dtype_a"], m["dtype_b"], thresholds)
+    rel, cos = m["rel_l2"], m["cos"]
+    if math.isnan(rel) or math.isnan(cos):
+        return Verdict("fail", "metrics are NaN (values overflow float64?)")
+    for status, rl, cl in (("fail", t.rel_l2_fail, t.cos_fail), ("warn", t.rel_l2_warn, t.cos_warn)):
+        if rel > rl:
+            return Verdict(status, f"rel_l2 {_e(rel)} > {_e(rl)} ({t.label} {status})")
+        if cos < cl:
+            return Verdict(status, f"cos {cos:.6f} < {cl:.6f} ({t.label} {status})")
+    n_nonfinite = m.get("nan_a", 0) + m.get("inf_a", 0)
+    if n_nonfinite:
+        return Verdict("warn", f"NaN/Inf at the same {n_nonfinite} positions on both sides")
+    if m.get("frac_equal") == 1.0:
+        return Verdict("pass", "identical")
+    return Verdict("pass", f"rel_l2 {_e(rel)} <= {_e(t.rel_l2_warn)} ({t.label})")
+
+
+def floor_verdict(err_target_floor: float, err_ref_floor: float, dtype,
+                  m: float | None = None, atol: float | None = None) -> Verdict:
+    """Noise-floor verdict. The errors are rel_l2 of the target and of the
+    reference, both against the same higher-precision run (the floor).
+    Fail when err_target_floor > m * err_ref_floor + atol; defaults per
+    dtype from THRESHOLDS (m 3 for bf16/fp16, 2 for fp32; atol = unit
+    roundoff)."""
+    dt = _dtype(dtype)
+    if dt is None or not dt.is_floating_point:
+        raise ParityError(f"floor_verdict: a float dtype is needed, got {dtype!r}")
+    t = THRESHOLDS[_key_for(dt)]
+    m = t.floor_m if m is None else m
+    atol = t.floor_atol if atol is None else atol
+    if not (math.isfinite(err_target_floor) and math.isfinite(err_ref_floor)):
+        return Verdict("fail", f"non-finite error to floor (target {err_target_floor}, "
+                               f"reference {err_ref_floor})")
+    limit = m * err_ref_floor + atol
+    status = "fail" if err_target_floor > limit else "pass"
+    op = ">" if status == "fail" else "<="
+    return Verdict(status, f"rel_l2 to floor {_e(err_target_floor)} {op} {m:g} x {_e(err_ref_floor)}"
+                           f" + {_e(atol)} ({t.label} floor)")
