@@ -58,7 +58,12 @@ _TINY = dict(
     layer_types=[_SLIDING, _CSA, _HCA, _CSA, _HCA, _SLIDING],
     # Hash routing on a sliding and a CSA layer, score routing on the rest.
     mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe", "moe", "moe"],
-    index_n_heads=4,
+    # The indexer score is a weighted sum of ReLUs over heads: with few heads
+    # an entry scores exactly 0 often (all heads negative, 1 in 2**heads), and
+    # exact ties at the top-k boundary make the reference's choice arbitrary
+    # (it then differs between a full forward and a cached one). 16 heads
+    # make that rare; the real model has 64.
+    index_n_heads=16,
     index_head_dim=32,
     index_topk=8,
     hc_mult=4,
@@ -92,7 +97,7 @@ _SMALL = dict(
     compress_rates={_CSA: 4, _HCA: 32},
     layer_types=[_SLIDING, _CSA, _HCA, _CSA, _HCA, _CSA, _HCA, _SLIDING],
     mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 5,
-    index_n_heads=8,
+    index_n_heads=16,
     index_head_dim=64,
     index_topk=32,
     rope_parameters=_yarn(4096),
