@@ -20,6 +20,7 @@ from runners.engine.cache import KVCache, LayerCache
 from runners.engine.config import CSA, SLIDING, ModelConfig
 from runners.engine.metadata import CompressMeta, ForwardMeta
 from runners.engine.ops import ops
+from runners.engine.ops import quant
 
 
 @dataclass
@@ -68,9 +69,14 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.groups = groups
         self.weight = _empty(out_features, in_per_group)
+        self.register_buffer("weight_scale_inv", None)
 
     def forward(self, x):  # x: [T, G, in_per_group] -> [T, G, out/G]
-        w = self.weight.view(self.groups, -1, x.shape[-1]).transpose(1, 2)
+        w = self.weight
+        if self.weight_scale_inv is not None:
+            w = quant.fp8_weight(w, self.weight_scale_inv, x.dtype)
+            x = quant.qdq_act(x)
+        w = w.view(self.groups, -1, x.shape[-1]).transpose(1, 2)
         return torch.bmm(x.transpose(0, 1).to(w.dtype), w).transpose(0, 1)
 
 
@@ -293,12 +299,19 @@ class Experts(nn.Module):
         super().__init__()
         E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.limit = cfg.swiglu_limit
+        self.hidden, self.inter = D, I
         self.gate_up_proj = _empty(E, 2 * I, D)
         self.down_proj = _empty(E, D, I)
-        self.expert_fn = None  # quantized experts install their own math
+        self.register_buffer("gate_up_proj_scale_inv", None)  # set when the experts are FP4
+        self.register_buffer("down_proj_scale_inv", None)
+
+    def _fp4_expert(self, e, rows):
+        return quant.fp4_expert(rows, self.gate_up_proj[e], self.gate_up_proj_scale_inv[e], self.down_proj[e],
+                                self.down_proj_scale_inv[e], self.limit, self.hidden, self.inter)
 
     def forward(self, x, ids, weights):
-        return ops.fused_moe(x, ids, weights, self.gate_up_proj, self.down_proj, self.limit, self.expert_fn)
+        fn = self._fp4_expert if self.gate_up_proj_scale_inv is not None else None
+        return ops.fused_moe(x, ids, weights, self.gate_up_proj, self.down_proj, self.limit, fn)
 
 
 class MoE(nn.Module):

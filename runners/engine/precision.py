@@ -1,8 +1,9 @@
 """How each checkpoint tensor is stored for a given precision.
 
-fp32: everything fp32. bf16: matmul weights bf16; the tensors transformers
-keeps in fp32 (hyper-connections, norms, sinks, position biases, routing
-bias) stay fp32. fp8: like bf16, plus FP8 e4m3 linear weights with 128x128
+fp32: everything fp32. bf16: weights bf16 except what transformers keeps in
+fp32 (hyper-connections, sinks, position biases, routing correction bias);
+RMSNorm weights are bf16 so a norm's output stays bf16 for the next matmul,
+as in ``reference_models.load`` at bf16. fp8: like bf16, plus FP8 e4m3 linear weights with 128x128
 UE8M0 block scales and FP4 e2m1 routed experts (ops.quant).
 """
 
@@ -17,7 +18,7 @@ from runners.engine.errors import ParityError
 PRECISIONS = ("fp32", "bf16", "fp8")
 
 _KEEP_FP32 = re.compile(
-    r"(attn_hc|ffn_hc|hc_head)\.|sinks$|position_bias$|e_score_correction_bias$|norm\.weight$"
+    r"(attn_hc|ffn_hc|hc_head)\.|sinks$|position_bias$|e_score_correction_bias$"
 )
 
 

@@ -56,6 +56,7 @@ def _load_backends() -> None:
         return
     _loaded = True
     importlib.import_module("runners.engine.ops.torch_ops")
+    importlib.import_module("runners.engine.ops.quant")
     _BACKEND_STATUS["torch"] = "available"
     for backend in ("triton", "aiter"):
         try:

@@ -71,9 +71,10 @@ def sparse_attention(q, sources, sinks, scale):
             masks.append(i < 0)
         kv = torch.cat(keys, dim=1)  # [t, K, D]
         invalid = torch.cat(masks, dim=1)
-        logits = torch.bmm(q[s:e], kv.transpose(1, 2)) * scale  # [t, H, K]
+        logits = torch.bmm(q[s:e], kv.transpose(1, 2)) * scale  # [t, H, K], in the activation dtype
         logits = logits.masked_fill(invalid.unsqueeze(1), float("-inf"))
-        logits = torch.cat([logits, sink.to(logits.dtype).expand(e - s, H, 1)], dim=-1)
+        # the fp32 sink promotes the softmax to fp32, as in the reference
+        logits = torch.cat([logits.float(), sink.expand(e - s, H, 1)], dim=-1)
         logits = logits - logits.max(dim=-1, keepdim=True).values
         probs = torch.softmax(logits, dim=-1)[..., :-1]
         out[s:e] = torch.bmm(probs.to(kv.dtype), kv)

@@ -1,0 +1,94 @@
+"""FP8 / FP4 weights and FP8 activations for precision="fp8".
+
+The number formats and their math live in ``parity.quant`` (shared with the
+reference's quantization simulation); this module decides which engine
+tensors use which format, as DeepSeek-V4-Flash's release does:
+
+* FP8 e4m3, 128x128 UE8M0 block scales: attention q_a/q_b/kv/o_a/o_b, the
+  indexer's q_b, the shared expert's gate/up/down.
+* FP4 e2m1, one UE8M0 scale per 32 inputs: routed experts.
+* The rest stays bf16 (embeddings, lm_head, routers, compressor and indexer
+  projections, norms, hyper-connections, sinks, biases).
+
+Activations entering a quantized matmul are quantized per 1x128 block (and,
+in the experts, the SwiGLU output before down_proj). The torch backend
+dequantizes both operands to the activation dtype and multiplies there: the
+same arithmetic as ``reference_models.quant_sim``, so the two agree bitwise;
+a fused kernel accumulates in fp32 instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parity import quant as pq
+from runners.engine.ops import register
+
+FP8_SUFFIXES = (
+    "self_attn.q_a_proj.weight",
+    "self_attn.q_b_proj.weight",
+    "self_attn.kv_proj.weight",
+    "self_attn.o_a_proj.weight",
+    "self_attn.o_b_proj.weight",
+    "self_attn.compressor.indexer.q_b_proj.weight",
+    "mlp.shared_experts.gate_proj.weight",
+    "mlp.shared_experts.up_proj.weight",
+    "mlp.shared_experts.down_proj.weight",
+)
+FP4_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def weight_format(name: str) -> str | None:
+    if name.endswith(FP8_SUFFIXES):
+        return "fp8"
+    if name.endswith(FP4_SUFFIXES):
+        return "fp4"
+    return None
+
+
+def quantize_for_engine(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Stored form of one checkpoint tensor at precision fp8."""
+    # Quantize what a bf16 checkpoint holds, so an fp32 file gives the same codes.
+    w = t.to(torch.bfloat16)
+    fmt = weight_format(name)
+    if fmt == "fp8":
+        q, s = pq.quantize_fp8_weight(w)
+        return {"": q, "_scale_inv": s}
+    if fmt == "fp4":
+        packed, s = pq.quantize_fp4_weight(w)
+        return {"": packed, "_scale_inv": s}
+    return {"": w}
+
+
+@register("act_quant", "torch")
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 codes and one power-of-two fp32 scale per 1x128 block."""
+    return pq.quantize_fp8_act(x)
+
+
+def qdq_act(x: torch.Tensor) -> torch.Tensor:
+    from runners.engine.ops import ops
+
+    q, s = ops.act_quant(x)
+    return pq.dequantize_fp8_act(q, s, dtype=x.dtype)
+
+
+@register("fp8_linear", "torch")
+def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    w = pq.dequantize_fp8_weight(w_q, w_scale, dtype=x.dtype)
+    return F.linear(qdq_act(x), w)
+
+
+def fp8_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype) -> torch.Tensor:
+    return pq.dequantize_fp8_weight(w_q, w_scale, dtype=dtype)
+
+
+def fp4_expert(x, gate_up, gate_up_scale, down, down_scale, limit, hidden, inter):
+    """One routed expert with FP4 weights: [n, hidden] -> [n, hidden]."""
+    from runners.engine.ops.torch_ops import swiglu
+
+    w13 = pq.dequantize_fp4_weight(gate_up, gate_up_scale, k=hidden, dtype=x.dtype)
+    w2 = pq.dequantize_fp4_weight(down, down_scale, k=inter, dtype=x.dtype)
+    h = swiglu(F.linear(qdq_act(x), w13), limit)
+    return F.linear(qdq_act(h), w2)
