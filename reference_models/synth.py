@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
+from parity import quant
 from parity.errors import ParityError
 from reference_models.presets import PRESETS, get_config
+from reference_models.quant_sim import weight_format
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -128,8 +130,15 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def synthesize(preset, seed: int = 0, out=None, dtype: str = "bf16", force: bool = False, **overrides) -> Path:
-    """Write a checkpoint for ``preset`` (a name or a ``DeepseekV4Config``) to ``out``."""
+def synthesize(preset, seed: int = 0, out=None, dtype: str = "bf16", force: bool = False, on_grid: bool = False,
+               **overrides) -> Path:
+    """Write a checkpoint for ``preset`` (a name or a ``DeepseekV4Config``) to ``out``.
+
+    ``on_grid`` snaps the weights the engine quantizes (see
+    ``reference_models.quant_sim``) onto their FP8 / FP4 grids, as in
+    DeepSeek-V4's release where they ship quantized: the engine's weight
+    quantization is then lossless and only activation quantization remains.
+    """
     from safetensors.torch import save_file
 
     if out is None:
@@ -149,6 +158,8 @@ def synthesize(preset, seed: int = 0, out=None, dtype: str = "bf16", force: bool
         tensors = {}
         for name in names:
             t = init_tensor(name, entries[name][0], cfg, seed)
+            if on_grid and (fmt := weight_format(name)) is not None:
+                t = quant.qdq_fp8_weight(t) if fmt == "fp8" else quant.qdq_fp4_weight(t)
             tensors[name] = t.to(torch_dtype) if t.is_floating_point() else t
             weight_map[name] = fname
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
@@ -164,7 +175,7 @@ def synthesize(preset, seed: int = 0, out=None, dtype: str = "bf16", force: bool
     for fname in TOKENIZER_FILES:
         shutil.copyfile(TOKENIZER_DIR / fname, out / fname)
     provenance = {"generator": "reference_models.synth", "preset": preset if isinstance(preset, str) else None,
-                  "seed": seed, "dtype": dtype, "overrides": overrides}
+                  "seed": seed, "dtype": dtype, "on_grid": on_grid, "overrides": overrides}
     (out / "synth.json").write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
     return out
 
@@ -176,9 +187,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    parser.add_argument("--on-grid", action="store_true",
+                        help="store FP8/FP4-quantized weights already on their quantization grid")
     args = parser.parse_args(argv)
     try:
-        path = synthesize(args.preset, seed=args.seed, out=args.out, dtype=args.dtype, force=args.force)
+        path = synthesize(args.preset, seed=args.seed, out=args.out, dtype=args.dtype, force=args.force,
+                          on_grid=args.on_grid)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -86,3 +86,13 @@ def test_bad_rounding_is_rejected(model):
     with pytest.raises(ValueError):
         with quant_sim(model, rounding="floor"):
             pass
+
+
+def test_on_grid_checkpoint_makes_weight_quantization_lossless(tmp_path):
+    ck = synthesize("tiny", seed=0, out=tmp_path / "grid", dtype="bf16", on_grid=True,
+                    num_hidden_layers=2)
+    m = load_reference(ck, "fp32")
+    with torch.no_grad():
+        base = m(IDS[:, :24]).logits
+        with quant_sim(m):
+            assert torch.equal(m(IDS[:, :24]).logits, base)
