@@ -140,6 +140,8 @@ class CaptureSession:
             payload = t.clone(memory_format=torch.contiguous_format)
             event = None
             if payload.is_cuda:
+                # Summaries are nearly free on the GPU and slow on the writer's CPU.
+                payload = (payload, stats_vector(t))
                 event = torch.cuda.Event()
                 event.record()
         with self._lock:
@@ -168,7 +170,10 @@ class CaptureSession:
                     rec.stats = stats_from_vector(payload)
                     batch.append((rec, None))
                 else:
-                    cpu = payload.to("cpu") if payload.device.type != "cpu" else payload
+                    if isinstance(payload, tuple):
+                        payload, sv = payload
+                        rec.stats = stats_from_vector(sv)
+                    cpu = payload.to("cpu")
                     batch.append((rec, cpu))
                     batch_bytes += cpu.numel() * cpu.element_size()
                 if batch_bytes >= _FLUSH_BYTES or self._queue.empty():

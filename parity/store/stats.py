@@ -12,26 +12,38 @@ import torch
 
 STAT_KEYS = ("absmax", "mean", "std", "l2", "nan", "inf")
 _CHUNK = 1 << 22
+_NATIVE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def stats_vector(t: torch.Tensor) -> torch.Tensor:
     """[absmax, sum, sumsq, nan, inf, n_finite] as a float64 tensor on t's
-    device. Kept as a tensor so the caller can defer the host sync."""
+    device. Kept as a tensor so the caller can defer the host sync.
+
+    Each chunk costs a handful of passes in the tensor's own dtype; only the
+    sums accumulate in float64, so no float64 copy of the data is made."""
     flat = t.detach().reshape(-1)
+    if flat.dtype not in _NATIVE:
+        # ints, bools and fp8 have no native reductions; they are small or rare.
+        flat = flat.to(torch.float64)
     parts = []
     for start in range(0, flat.numel(), _CHUNK):
-        c = flat[start:start + _CHUNK].to(torch.float64)
+        c = flat[start:start + _CHUNK]
         finite = torch.isfinite(c)
         n_finite = finite.sum()
-        # On the CPU the common all-finite chunk skips the masking pass; on a
-        # GPU the check would cost a host sync, so masking is unconditional.
-        if flat.is_floating_point() and (c.device.type != "cpu" or int(n_finite) != c.numel()):
-            c = torch.where(finite, c, c.new_zeros(()))
-        nan = torch.isnan(flat[start:start + _CHUNK]).sum() if flat.is_floating_point() else n_finite * 0
-        parts.append(torch.stack([c.abs().max(), c.sum(), torch.dot(c, c), nan.to(torch.float64),
-                                  (c.numel() - n_finite - nan).to(torch.float64), n_finite.to(torch.float64)]))
+        nan = torch.isnan(c).sum()
+        c = torch.where(finite, c, c.new_zeros(()))
+        lo, hi = torch.aminmax(c)
+        parts.append(torch.stack([
+            torch.maximum(lo.abs(), hi.abs()).to(torch.float64),
+            c.sum(dtype=torch.float64),
+            torch.linalg.vector_norm(c, dtype=torch.float64).square(),
+            nan.to(torch.float64),
+            (c.numel() - n_finite - nan).to(torch.float64),
+            n_finite.to(torch.float64)]))
     if not parts:
         return torch.zeros(6, dtype=torch.float64, device=t.device)
+    if len(parts) == 1:
+        return parts[0]
     p = torch.stack(parts)
     return torch.cat([p[:, 0].max().reshape(1), p[:, 1:].sum(0)])
 
