@@ -86,3 +86,21 @@ def test_reused_slot_carries_nothing(ps):
     reused = run_engine(eng, [ps[1]], 6)
     fresh = run_engine(_engine(max_num_seqs=1), [ps[1]], 6)
     _same(reused[0], fresh[0], exact=True)
+
+
+def test_abort_frees_slot_and_others_continue(ps, one_shot):
+    from runners.engine import SamplingParams
+
+    eng = _engine(max_num_seqs=2)
+    a = eng.add_request(ps[0], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    b = eng.add_request(ps[1], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    c = eng.add_request(ps[2], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    eng.step()
+    eng.step()
+    eng.abort_request(b)
+    assert eng.get_request(b).finish_reason == "abort"
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.release(a).output_ids == one_shot[0][0]
+    assert eng.release(c).output_ids == one_shot[2][0]
+    assert eng.cache.free_slots == [0, 1]

@@ -94,6 +94,20 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def abort_request(self, request_id: int) -> None:
+        """Stop a request now; its slot and blocks are free for the next step."""
+        req = self.requests.get(request_id)
+        if req is not None and not req.finished:
+            self.scheduler.abort(req)
+
+    def get_request(self, request_id: int) -> Request:
+        """The request's state (prompt_ids, output_ids, finished, finish_reason)."""
+        return self.requests[request_id]
+
+    def release(self, request_id: int) -> Request:
+        """Forget a finished request (step-API users call this once they read it)."""
+        return self.requests.pop(request_id)
+
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         if not batch:

@@ -68,6 +68,13 @@ class ForwardMeta:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def to(self, device) -> "ForwardMeta":
+        for obj in (self, *self.compress.values()):
+            for k, v in vars(obj).items():
+                if isinstance(v, torch.Tensor):
+                    setattr(obj, k, v.to(device, non_blocking=True))
+        return self
+
 
 def _ring_source(pos, start, cu, slot, R, S):
     """Rows of the ring source holding tokens at positions `pos` (broadcast)."""
@@ -141,9 +148,7 @@ def build(cfg: ModelConfig, chunks: list[SeqChunk], num_slots: int, block_size: 
         E = max(1, int(end_w.max())) if B else 1
         ar = torch.arange(E).unsqueeze(0).expand(B, E)
         bidx = torch.arange(B).unsqueeze(1).expand(B, E)
-        entry_idx = torch.where(ar < end_w.unsqueeze(1), pool_row(bidx, ar.clamp(max=max(E - 1, 0))),
-                                torch.full_like(ar, -1))
-        entry_idx = torch.where(ar < end_w.unsqueeze(1), entry_idx, torch.full_like(ar, -1))
+        entry_idx = torch.where(ar < end_w.unsqueeze(1), pool_row(bidx, ar), torch.full_like(ar, -1))
         limit = (positions + 1) // r
         cm = CompressMeta(
             ratio=r, ring=R, src_idx=src_idx, win_pos=w * r, pool_dst=pool_row(wb, w),
@@ -163,19 +168,3 @@ def build(cfg: ModelConfig, chunks: list[SeqChunk], num_slots: int, block_size: 
     )
     return meta.to(device) if str(device) != "cpu" else meta
 
-
-def _to(self: ForwardMeta, device) -> ForwardMeta:
-    def mv(x):
-        return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-
-    for k, v in vars(self).items():
-        if isinstance(v, torch.Tensor):
-            setattr(self, k, mv(v))
-    for cm in self.compress.values():
-        for k, v in vars(cm).items():
-            if isinstance(v, torch.Tensor):
-                setattr(cm, k, mv(v))
-    return self
-
-
-ForwardMeta.to = _to

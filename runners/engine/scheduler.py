@@ -95,6 +95,13 @@ class Scheduler:
             budget -= n
         return batch
 
+    def abort(self, req: Request) -> None:
+        if req in self.waiting:
+            self.waiting.remove(req)
+            req.finished, req.finish_reason = True, "abort"
+        elif req in self.running:
+            self.finish(req, "abort")
+
     def finish(self, req: Request, reason: str) -> None:
         req.finished, req.finish_reason = True, reason
         self.running.remove(req)
