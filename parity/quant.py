@@ -25,8 +25,6 @@ entries per dimension.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 FP8_MAX = 448.0
@@ -248,7 +246,3 @@ def qdq_fp8_act(x: torch.Tensor, block: int = ACT_BLOCK, rounding: str = "ceil")
     """Quantize-dequantize activations per 1 x ``block``; same shape and dtype."""
     q, s = quantize_fp8_act(x, block, rounding)
     return dequantize_fp8_act(q, s, block, dtype=x.dtype)
-
-
-def n_blocks(size: int, block: int) -> int:
-    return math.ceil(size / block)

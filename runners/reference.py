@@ -256,7 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quant-sim-activations", action="store_true", help="also quantize matmul inputs (FP8 1x128)")
     ap.add_argument("--rounding", choices=("ceil", "rne"), default="ceil", help="power-of-two scale rounding")
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--force-tokens", help="JSON token-id lists, or a dump dir / run.json to follow")
+    ap.add_argument("--force-tokens", help="JSON token-id lists, or a dump dir / run.json to follow; "
+                    "their length, not --max-new-tokens, sets the number of steps")
     ap.add_argument("--device", default="cpu")
     return ap
 
