@@ -104,3 +104,22 @@ def test_abort_frees_slot_and_others_continue(ps, one_shot):
     assert eng.release(a).output_ids == one_shot[0][0]
     assert eng.release(c).output_ids == one_shot[2][0]
     assert eng.cache.free_slots == [0, 1]
+
+
+def test_string_prompts_stop_strings_and_sampling():
+    eng = _engine(max_num_seqs=2)
+    assert eng.tokenizer is not None
+    base = eng.generate("The answer is", max_new_tokens=12, ignore_eos=True)[0]
+    assert len(base.token_ids) == 12 and base.text == eng.decode(base.token_ids)
+    text = base.text
+    stop = next((text[i:i + 2] for i in range(1, len(text) - 2) if text[i:i + 2].strip()), None)
+    if stop is not None:
+        cut = eng.generate("The answer is", max_new_tokens=12, ignore_eos=True, stop=[stop])[0]
+        assert cut.finish_reason == "stop" and stop not in cut.text
+        assert text.startswith(cut.text)
+    # top_p this small keeps only the top token: sampling becomes greedy
+    nucleus = eng.generate("The answer is", max_new_tokens=12, ignore_eos=True, greedy=False, top_p=1e-9, seed=3)[0]
+    assert nucleus.token_ids == base.token_ids
+    a = eng.generate("The answer is", max_new_tokens=6, greedy=False, temperature=1.0, seed=7, ignore_eos=True)[0]
+    b = eng.generate("The answer is", max_new_tokens=6, greedy=False, temperature=1.0, seed=7, ignore_eos=True)[0]
+    assert a.token_ids == b.token_ids  # seeded sampling is reproducible
