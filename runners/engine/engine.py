@@ -159,8 +159,11 @@ class Engine:
                               device=self.device, phase=phase, step=step)
         self.last_meta = meta
         if self.capture is not None:
+            # start_positions tells a compare where each sequence's rows sit
+            # when a prompt is split over several prefill forwards
             self.capture.set_context(phase=phase, step=step, seq_ids=[self._capture_id(c.seq_id) for c in chunks],
-                                     cu_seqlens=meta.cu_seqlens, slot_ids=meta.slots)
+                                     cu_seqlens=meta.cu_seqlens, slot_ids=meta.slots,
+                                     start_positions=[c.start for c in chunks])
         return self.model(meta, self.cache.cache, all_logits=all_logits)
 
     def _capture_id(self, request_id: int) -> int:
