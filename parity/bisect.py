@@ -1,0 +1,202 @@
+"""First divergence: the layer where an error enters, then the stage inside it.
+
+An error *enters* at a layer whose verdict fails while its input still
+passes; inside that layer, the first failing stage in execution order is
+shown with its input and output errors side by side, so "the error enters
+here" and "the error was already there and grew" read apart. The per-layer
+error curve (err L / err L-1) shows amplification; nothing assumes that
+error grows monotonically, so every layer where an error enters is listed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from parity.compare.api import CompareResult, compare_dumps
+from parity.decisions import decision_kind
+
+_RANK = {"pass": 0, "warn": 1, "fail": 2}
+_STATUS = {v: k for k, v in _RANK.items()}
+
+
+@dataclass
+class BisectResult:
+    layer: int | None               # first layer where an error enters (None: no layer does)
+    stage: str | None               # first failing stage inside it
+    key: str | None
+    message: str
+    stages: pd.DataFrame            # every stage of that layer: input/output error, status, what it means
+    curve: pd.DataFrame             # per layer: error, growth over the previous layer, status
+    entries: list[int] = field(default_factory=list)   # every layer where an error enters
+    compare: CompareResult | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return self.compare.exit_code if self.compare is not None else (1 if self.key else 0)
+
+
+def _per_key(table: pd.DataFrame) -> list[dict]:
+    """One entry per canonical key (all sequences, phases, ranks pooled):
+    worst status, largest rel_l2, and where the worst row is."""
+    out: dict[str, dict] = {}
+    for i in range(len(table)):
+        r = table.iloc[i]
+        e = out.get(r["key"])
+        rel = r["rel_l2"]
+        rel = float(rel) if rel is not None and not (isinstance(rel, float) and math.isnan(rel)) else None
+        st = _RANK.get(r["verdict"], 2)
+        if e is None:
+            e = out[r["key"]] = {"key": r["key"], "layer": r["layer"], "stage": r["stage"], "status": st,
+                                 "err": rel, "where": "", "reason": r["reason"], "flip": r.get("flip_upstream", ""),
+                                 "decision": decision_kind(r["key"]) is not None, "order": i}
+            e["where"] = _where(r)
+            continue
+        worse = st > e["status"] or (st == e["status"] and rel is not None and (e["err"] is None or rel > e["err"]))
+        if rel is not None and (e["err"] is None or rel > e["err"]):
+            e["err"] = rel
+        if worse:
+            e["status"], e["where"], e["reason"] = st, _where(r), r["reason"]
+            e["flip"] = r.get("flip_upstream", "") or e["flip"]
+    return sorted(out.values(), key=lambda e: e["order"])
+
+
+def _where(r) -> str:
+    s = f"{r['phase']}" + (f" step {r['step']}" if r["phase"] == "decode" else "")
+    if r["seq"] is not None:
+        s += f" seq {r['seq']}"
+    return s
+
+
+def _is_layer_own(e, prefix: str) -> bool:
+    # The decoder layer's own record: nothing between the layer and the stage.
+    return ":" not in e["stage"] and e["stage"].startswith(prefix)
+
+
+def _layer_view(keys: list[dict]):
+    """layers in order of first appearance -> (entries, output entry, input entry or None)."""
+    layers: dict[int, list[dict]] = {}
+    for e in keys:
+        if isinstance(e["layer"], int):
+            layers.setdefault(e["layer"], []).append(e)
+    view = {}
+    for L, es in layers.items():
+        own_out = [e for e in es if _is_layer_own(e, "output")]
+        own_in = [e for e in es if _is_layer_own(e, "input")]
+        body = [e for e in es if not e["decision"]] or es
+        view[L] = (es, own_out[0] if own_out else body[-1], own_in[0] if own_in else None)
+    return view
+
+
+def _stage_input(e: dict, layer: list[dict], by_key: dict) -> dict | None:
+    """The record that feeds stage ``e``: its own captured input when there
+    is one; else the last record before ``e``'s first sub-module record that
+    is neither inside ``e``'s module nor a decision (children's hooks fire
+    before their parent's output hook)."""
+    mod = e["key"].split(":", 1)[0]
+    own = next((x for k, x in by_key.items() if k.startswith(mod + ":input") and k != e["key"]), None)
+    if own is not None:
+        return own
+    inside = lambda x: x["key"].split(":", 1)[0].startswith(mod + ".") or x is e
+    first = next((x["order"] for x in layer if inside(x)), e["order"])
+    prev = [x for x in layer if x["order"] < first and not inside(x) and not x["decision"]
+            and not x["key"].split(":", 1)[0] == mod]
+    return prev[-1] if prev else None
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2e}"
+
+
+def bisect_table(res: CompareResult) -> BisectResult:
+    keys = _per_key(res.table)
+    view = _layer_view(keys)
+    curve_rows, entries = [], []
+    prev_out = None
+    first_layer_order = min((es[0]["order"] for es, _, _ in view.values()), default=None)
+    before = [e for e in keys if not isinstance(e["layer"], int) and first_layer_order is not None
+              and e["order"] < first_layer_order and not e["decision"]]
+    upstream = before[-1] if before else None
+    layer_input: dict[int, dict | None] = {}
+    for L, (es, out, own_in) in view.items():
+        inp = own_in or prev_out or upstream
+        layer_input[L] = inp
+        status = max(e["status"] for e in es if not e["decision"]) if any(not e["decision"] for e in es) else \
+            max(e["status"] for e in es)
+        in_status = inp["status"] if inp is not None else 0
+        growth = None
+        if prev_out is not None and prev_out["err"] and out["err"] is not None:
+            growth = out["err"] / prev_out["err"]
+        enters = status == 2 and in_status < 2
+        if enters:
+            entries.append(L)
+        flips = [e for e in es if decision_kind(e["key"]) in ("ids", "topk") and e["status"] > 0]
+        curve_rows.append({"layer": L, "err": out["err"], "growth": growth, "input_err": inp["err"] if inp else None,
+                           "verdict": _STATUS[status], "input_verdict": _STATUS[in_status],
+                           "enters": enters, "decision_flip": ", ".join(e["stage"] for e in flips)})
+        prev_out = out
+    curve = pd.DataFrame(curve_rows, columns=["layer", "err", "growth", "input_err", "verdict", "input_verdict",
+                                              "enters", "decision_flip"])
+    stage_cols = ["stage", "key", "input", "input_err", "output_err", "growth", "verdict", "meaning", "where", "reason"]
+    if not res.failed:
+        return BisectResult(None, None, None, "no divergence: every pair passes", pd.DataFrame(columns=stage_cols),
+                            curve, [], res)
+    if not entries:
+        first = next(e for e in keys if e["status"] == 2)
+        where = f"layer {first['layer']}" if isinstance(first["layer"], int) else "outside the decoder layers"
+        msg = (f"the first failing record is {first['key']} ({where}, {first['where']}); no layer has a failing "
+               f"output with a passing input, so the error is present before the first compared layer or at "
+               f"a record with no layer: {first['reason']}")
+        return BisectResult(first["layer"] if isinstance(first["layer"], int) else None, first["stage"],
+                            first["key"], msg, pd.DataFrame(columns=stage_cols), curve, [], res)
+    L = entries[0]
+    es, out, own_in = view[L]
+    l_in = layer_input[L]
+    stage_rows, first_fail = [], None
+    by_key = {e["key"]: e for e in keys}
+    for e in es:
+        s_in = _stage_input(e, es, by_key) or l_in
+        in_err = s_in["err"] if s_in else None
+        in_fail = bool(s_in and s_in["status"] == 2)
+        if e["status"] < 2:
+            meaning = "agrees" if e["status"] == 0 else "close (warn)"
+            if e["decision"] and e["status"] > 0:
+                meaning = "decision flipped"
+        elif first_fail is not None and e is out:
+            meaning = f"carries the error of {first_fail[0]['stage']}"
+        elif in_fail:
+            g = e["err"] / in_err if in_err and e["err"] is not None else None
+            meaning = "error was already there" + (f" and grew x{g:.3g}" if g is not None else "")
+        else:
+            meaning = "error enters here"
+        if e["status"] == 2 and first_fail is None:
+            first_fail = (e, in_err, meaning)
+        growth = e["err"] / in_err if in_err and e["err"] is not None else None
+        stage_rows.append({"stage": e["stage"], "key": e["key"], "input": s_in["key"] if s_in else None,
+                           "input_err": in_err, "output_err": e["err"],
+                           "growth": growth, "verdict": _STATUS[e["status"]], "meaning": meaning,
+                           "where": e["where"], "reason": e["reason"]})
+    stages = pd.DataFrame(stage_rows, columns=stage_cols)
+    e, in_err, meaning = first_fail
+    msg = (f"error enters at layer {L}, stage {e['stage']} ({e['key']}): input error {_fmt(in_err)}, "
+           f"output error {_fmt(e['err'])} ({e['where']}); {meaning}")
+    flip = [x for x in keys if decision_kind(x["key"]) in ("ids", "topk") and x["status"] > 0 and isinstance(x["layer"], int)
+            and x["layer"] <= L and x["order"] < e["order"]]
+    if flip:
+        msg += (f". A discrete decision flipped upstream ({flip[0]['key']}: {flip[0]['reason']}): the divergence may "
+                "be a near-tie amplified by the decision rather than an arithmetic bug")
+    if len(entries) > 1:
+        msg += f". Errors also enter at layer(s) {', '.join(map(str, entries[1:]))}"
+    return BisectResult(L, e["stage"], e["key"], msg, stages, curve, entries, res)
+
+
+def layer_bisect(ref, target, *, mapping=None, preset=None, floor=None, filter=None, m=None, atol=None,
+                 compare: CompareResult | None = None) -> BisectResult:
+    """Find the first layer and stage where ``target`` stops agreeing with
+    ``ref``. Arguments as for ``compare_dumps``; pass ``compare`` to reuse a
+    finished comparison."""
+    res = compare if compare is not None else compare_dumps(ref, target, mapping=mapping, preset=preset,
+                                                            floor=floor, filter=filter, m=m, atol=atol)
+    return bisect_table(res)

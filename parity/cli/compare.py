@@ -1,0 +1,254 @@
+"""`parity ref-vs-target`, `layer-bisect`, `slot-invariance`, `weights`, `topk`.
+
+Each parses options, calls one library function and renders what it
+returns. Exit 0: agreement; 1: divergence found; 2: bad input.
+"""
+
+from __future__ import annotations
+
+import click
+
+from parity.cli import cli
+from parity.cli._options import compile_filter, output_options
+from parity.report.tables import render, write_output
+
+_TABLE_COLS = ["key", "phase", "step", "seq", "rank", "shape", "rel_l2", "cos", "max_abs", "frac_equal",
+               "verdict", "reason"]
+
+
+def _pair_options(fn):
+    fn = click.option("--preset", metavar="NAME", default=None,
+                      help="Mapping preset (parity/compare/presets/NAME.yaml) for the canonical keys.")(fn)
+    fn = click.option("--map", "map_file", metavar="FILE", default=None,
+                      help="Mapping rules file (.yaml/.toml) that rewrites keys of both dumps to canonical keys.")(fn)
+    fn = click.option("--target", "target", metavar="DIR", required=True, help="Target (engine) dump.")(fn)
+    fn = click.option("--ref", "ref", metavar="DIR", required=True, help="Reference dump.")(fn)
+    return fn
+
+
+def _plot_option(fn):
+    return click.option("--plot", "plot_dir", metavar="DIR", default=None,
+                        help="Also write PNG plots into DIR.")(fn)
+
+
+def _floor_options(fn):
+    fn = click.option("--atol", type=float, default=None,
+                      help="Noise floor: absolute slack (default: unit roundoff of the dtype).")(fn)
+    fn = click.option("--m", "m", type=float, default=None,
+                      help="Noise floor: allowed multiple of the reference's own error (default per dtype).")(fn)
+    fn = click.option("--floor", "floor", metavar="DIR", default=None,
+                      help="The reference run at higher precision: a row fails when "
+                           "err(target, floor) > m * err(ref, floor) + atol.")(fn)
+    return fn
+
+
+def _notes(notes):
+    for n in notes:
+        click.echo(f"note: {n}", err=True)
+
+
+def _only(df, limit=5) -> str:
+    keys = list(dict.fromkeys(df["key"]))
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{len(df)} piece(s) of {len(keys)} record(s): " + ", ".join(keys[:limit]) + more
+
+
+def _compare_view(res, fmt):
+    t = res.table
+    if fmt != "table":
+        return t
+    cols = [c for c in _TABLE_COLS if c in t and (c != "rank" or t["rank"].map(lambda v: v is not None).any())]
+    return t[cols]
+
+
+def _compare_summary(res) -> dict:
+    s = res.summary()
+    if len(res.only_ref):
+        s["only_in_reference"] = _only(res.only_ref)
+    if len(res.only_target):
+        s["only_in_target"] = _only(res.only_target)
+    if res.decisions is not None and len(res.decisions.table):
+        d = res.decisions.table
+        flipped = d[d["frac_tokens_differ"] > 0]
+        s["decisions"] = (f"{len(flipped)} of {len(d)} (layer, decision) pairs differ"
+                          + (f"; first at layer {flipped.iloc[0]['layer']} {flipped.iloc[0]['decision']}"
+                             if len(flipped) else ""))
+    if res.floor:
+        s["mode"] = "noise floor"
+    return s
+
+
+@cli.command("ref-vs-target")
+@_pair_options
+@_floor_options
+@output_options
+@_plot_option
+def ref_vs_target(ref, target, map_file, preset, floor, m, atol, fmt, out, filter_, plot_dir):
+    """Compare every aligned pair of records of two dumps, in execution order.
+
+    Records meet on (canonical key, phase, step, call, sequence); ragged
+    [T, ...] and batched [B, S, ...] layouts are cut per sequence first.
+    Exit 1 when any pair fails.
+    """
+    from parity.compare.api import compare_dumps
+
+    res = compare_dumps(ref, target, mapping=map_file, preset=preset, floor=floor,
+                        filter=compile_filter(filter_), m=m, atol=atol)
+    write_output(render(_compare_view(res, fmt), fmt, keep=res.worst(), summary=_compare_summary(res)), out)
+    _notes(res.notes)
+    if plot_dir:
+        from parity.report.plots import compare_plots
+
+        _notes([f"plots: {', '.join(compare_plots(res.table, None, plot_dir))}"])
+    raise SystemExit(res.exit_code)
+
+
+@cli.command("layer-bisect")
+@_pair_options
+@_floor_options
+@output_options
+@_plot_option
+def layer_bisect_cmd(ref, target, map_file, preset, floor, m, atol, fmt, out, filter_, plot_dir):
+    """Find the first layer where an error enters, and the stage inside it.
+
+    Prints the per-layer error curve (err L / err L-1, so amplification
+    shows) and, for the entry layer, every stage's input and output error.
+    Exit 1 when a divergence is found.
+    """
+    from parity.bisect import layer_bisect
+
+    res = layer_bisect(ref, target, mapping=map_file, preset=preset, floor=floor,
+                       filter=compile_filter(filter_), m=m, atol=atol)
+    summary = {"result": res.message}
+    if res.layer is not None:
+        summary.update(layer=res.layer, stage=res.stage, key=res.key)
+    if res.entries[1:]:
+        summary["also_enters_at"] = res.entries[1:]
+    if fmt == "json":
+        summary["stages"] = res.stages.to_dict(orient="records")
+        text = render(res.curve, fmt, summary=summary)
+    else:
+        keep = [i for i, e in enumerate(res.curve["enters"]) if e]
+        text = render(res.curve, fmt, keep=keep, summary=None if fmt == "csv" else summary)
+        if len(res.stages) and fmt != "csv":
+            cols = res.stages.columns if fmt != "table" else [c for c in res.stages.columns if c not in ("key",)]
+            text += f"\n\nstages of layer {res.layer}:\n" + render(res.stages[cols], fmt)
+    write_output(text, out)
+    _notes(res.compare.notes if res.compare else [])
+    if plot_dir:
+        from parity.report.plots import compare_plots
+
+        _notes([f"plots: {', '.join(compare_plots(res.compare.table, res.curve, plot_dir))}"])
+    raise SystemExit(res.exit_code)
+
+
+@cli.command("slot-invariance")
+@click.option("--dir", "batched", metavar="BATCHED", required=True, help="Dump of the batched run.")
+@click.option("--solo", "solo", metavar="DIR", multiple=True,
+              help="Dump of one prompt run alone (repeat for each); matched to its slot by token ids.")
+@click.option("--same-prompt", is_flag=True, help="The batch holds copies of one prompt: compare every slot with slot 0.")
+@output_options
+@_plot_option
+def slot_invariance_cmd(batched, solo, same_prompt, fmt, out, filter_, plot_dir):
+    """Is every slot of a batched run bitwise equal to the same prompt run alone?
+
+    Records are cut per sequence with cu_seqlens (unequal lengths work);
+    prefill and each decode step are compared separately. A slot that is
+    only close is NOT invariant. Exit 1 when any slot differs.
+    """
+    from parity.slots import slot_invariance
+
+    res = slot_invariance(batched, list(solo), same_prompt=same_prompt, filter=compile_filter(filter_))
+    t = res.table
+    summary = {"rows": len(t), "invariant": int(t["invariant"].sum()), "not_invariant": int((~t["invariant"]).sum())}
+    for r in res.first.itertuples(index=False):
+        where = r.phase + (f" step {r.step}" if r.phase == "decode" else "")
+        summary[f"slot {r.slot} (seq {r.seq}) {where}" + (f" rank {r.rank}" if r.rank else "")] = (
+            f"first differs at layer {r.layer} {r.stage} (bitwise equal {r.frac_equal:.4f}, max_abs {r.max_abs:.3g})"
+            if r.frac_equal is not None and r.frac_equal == r.frac_equal else
+            f"first differs at layer {r.layer} {r.stage}")
+    if fmt == "json":
+        summary["first"] = res.first.to_dict(orient="records")
+    keep = [i for i, ok in enumerate(t["invariant"]) if not ok]
+    first_rows = []
+    seen = set()
+    for i in keep:
+        k = (t["slot"].iat[i], t["phase"].iat[i], t["step"].iat[i])
+        if k not in seen:
+            seen.add(k)
+            first_rows.append(i)
+    view = t if fmt != "table" else t.drop(columns=[c for c in ("rank",) if not t["rank"].astype(bool).any()])
+    write_output(render(view, fmt, keep=first_rows + keep, summary=summary), out)
+    _notes(res.notes)
+    if plot_dir:
+        from parity.report.plots import slot_plots
+
+        _notes([f"plots: {', '.join(slot_plots(t, plot_dir))}"])
+    raise SystemExit(res.exit_code)
+
+
+@cli.command("weights")
+@_pair_options
+@output_options
+@_plot_option
+def weights_cmd(ref, target, map_file, preset, fmt, out, filter_, plot_dir):
+    """Compare two weight dumps; FP8/FP4 weights are dequantized with their scales first.
+
+    A quantized weight without its scale is compared through its raw codes,
+    so a missing scale shows as a gross error. Exit 1 when any weight fails.
+    """
+    from parity.compare.weights import compare_weights
+
+    res = compare_weights(ref, target, mapping=map_file, preset=preset, filter=compile_filter(filter_))
+    t = res.table
+    summary = {"weights": len(t)}
+    for s in ("pass", "warn", "fail"):
+        summary[s] = int((t["verdict"] == s).sum())
+    if res.only_ref:
+        summary["only_in_reference"] = f"{len(res.only_ref)}: " + ", ".join(res.only_ref[:5])
+    if res.only_target:
+        summary["only_in_target"] = f"{len(res.only_target)}: " + ", ".join(res.only_target[:5])
+    keep = [i for i, v in enumerate(t["verdict"]) if v != "pass"]
+    write_output(render(t, fmt, keep=keep, summary=summary), out)
+    _notes(res.notes)
+    if plot_dir:
+        from parity.report.plots import compare_plots
+
+        _notes([f"plots: {', '.join(compare_plots(t, None, plot_dir))}"])
+    raise SystemExit(res.exit_code)
+
+
+@cli.command("topk")
+@_pair_options
+@output_options
+@_plot_option
+def topk_cmd(ref, target, map_file, preset, fmt, out, filter_, plot_dir):
+    """Compare discrete decisions: indexer top-k sets and MoE routing.
+
+    Per layer: mean and min set overlap, fraction of tokens whose decision
+    differs, and the routing-weight error aligned by expert id. Exit 1 when
+    any decision differs.
+    """
+    from parity.decisions import compare_decisions
+
+    res = compare_decisions(ref, target, mapping=map_file, preset=preset,
+                            filter=compile_filter(filter_))
+    t = res.table
+    differ = t[t["frac_tokens_differ"] > 0] if len(t) else t
+    summary = {"decisions": len(t), "differ": len(differ)}
+    if len(differ):
+        r = differ.iloc[0]
+        summary["first"] = f"layer {r['layer']} {r['decision']}: {r['frac_tokens_differ']:.1%} of tokens"
+    keep = [i for i, v in enumerate(t["frac_tokens_differ"]) if v > 0] if len(t) else []
+    write_output(render(t, fmt, keep=keep, summary=summary), out)
+    _notes(res.notes)
+    if plot_dir and len(t):
+        import os
+
+        from parity.report.plots import _outdir, error_curve
+
+        c = t.groupby("layer")["frac_tokens_differ"].max().reset_index().rename(columns={"frac_tokens_differ": "err"})
+        p = error_curve(c, os.path.join(_outdir(plot_dir), "decisions_by_layer.png"),
+                        "fraction of tokens whose decision differs")
+        _notes([f"plots: {p}"])
+    raise SystemExit(res.exit_code)

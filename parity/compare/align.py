@@ -1,0 +1,296 @@
+"""Bring records of two dumps to the same per-sequence view and pair them.
+
+A record is cut into *pieces*, one per sequence it covers, using its layout
+metadata (docs/CONTRACTS.md): ``[T, ...]`` with ``cu_seqlens`` is ragged,
+``[B, S, ...]`` without it has one batch row per ``seq_ids`` entry.
+Tensor-parallel shards (``meta.shard_dim``) are concatenated when every rank
+is present. Pieces meet on (canonical key, phase, step, call, seq_id): never
+on token counts, which coincide too easily to be evidence.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from parity.errors import ParityError
+from parity.store.reader import Dump, open_dump
+from parity.store.schema import Record
+
+_PHASE_ORDER = {None: 0, "prefill": 1, "decode": 2}
+# The layer prefix of a canonical key: "model.layers.3", "h.3", "L3".
+_LAYER_PREFIX = re.compile(r"^(?:.*?(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)|L(\d+))(?=$|[.:])")
+
+
+def resolve_mapping(map_file: str | None = None, preset: str | None = None):
+    """The Mapping of ``--map FILE`` or ``--preset NAME``; identity without either."""
+    from parity.compare.mapping import load_mapping, mapping_from_file
+
+    if map_file and preset:
+        raise ParityError("give --map or --preset, not both")
+    return mapping_from_file(map_file) if map_file else load_mapping(preset)
+
+
+def as_dump(d) -> Dump:
+    return d if isinstance(d, Dump) else open_dump(str(d))
+
+
+def split_key(key: str, layer: int | None = None) -> tuple[int | None, str]:
+    """(layer, stage inside the layer) of a canonical key:
+    ``model.layers.3.self_attn:output`` -> (3, ``self_attn:output``), the
+    layer's own output ``model.layers.3:output`` -> (3, ``output``)."""
+    m = _LAYER_PREFIX.match(key)
+    if not m:
+        return layer, key
+    n = int(m.group(1) or m.group(2))
+    rest = key[m.end():].lstrip(".:")
+    return (layer if layer is not None else n), rest or key
+
+
+@dataclass
+class Piece:
+    """One sequence's slice of a record (or of its re-assembled TP shards)."""
+
+    key: str                        # canonical key
+    phase: str | None
+    step: int | None
+    call: int
+    seq: int | None                 # seq_id; None when the record has no layout metadata
+    rank: int | None                # None: whole tensor (single rank or re-assembled)
+    recs: tuple[Record, ...]        # one record, or the shards in rank order
+    shard_dim: int | None = None
+    row: int | None = None          # batch row of a [B, S, ...] record
+    span: tuple[int, int] | None = None   # token rows of a ragged record
+    error: str | None = None        # layout metadata that cannot be trusted
+    note: str | None = None
+
+    @property
+    def rec(self) -> Record:
+        return self.recs[0]
+
+    @property
+    def match(self) -> tuple:
+        return (self.key, self.phase, self.step, self.call, self.seq)
+
+    @property
+    def order(self) -> tuple:
+        r = self.rec
+        return (_PHASE_ORDER.get(r.phase, 3), r.step or 0, r.seq, self.seq if self.seq is not None else -1,
+                self.rank if self.rank is not None else -1)
+
+    def load(self, dump: Dump) -> torch.Tensor:
+        """The piece as a tensor with leading singleton dims removed. A view
+        into the memory map unless shards had to be concatenated."""
+        parts = []
+        for rec in self.recs:
+            t = dump.load(rec)
+            if self.row is not None:
+                t = t[self.row]
+            elif self.span is not None:
+                t = t[self.span[0]:self.span[1]]
+            parts.append(t)
+        if len(parts) == 1:
+            t = parts[0]
+        else:
+            d = self.shard_dim
+            if self.row is not None and d is not None and d >= 0:
+                d -= 1  # the batch dim is gone
+            t = torch.cat(parts, dim=d)
+        return squeeze_leading(t)
+
+
+def squeeze_leading(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() > 1 and t.shape[0] == 1:
+        t = t[0]
+    return t
+
+
+def _cut(rec: Record) -> list[tuple[int | None, int | None, tuple[int, int] | None, str | None]]:
+    """(seq_id, batch row, token span, error) for every sequence ``rec`` covers."""
+    seq_ids = rec.seq_ids
+    if not seq_ids:
+        return [(None, None, None, None)]
+    cu = rec.cu_seqlens
+    dim0 = rec.shape[0] if rec.shape else None
+    if cu is not None:
+        if len(cu) != len(seq_ids) + 1:
+            return [(s, None, None, f"cu_seqlens has {len(cu)} entries for {len(seq_ids)} sequences")
+                    for s in seq_ids]
+        if dim0 == cu[-1]:
+            return [(s, None, (cu[i], cu[i + 1]), None) for i, s in enumerate(seq_ids)]
+        if dim0 == len(seq_ids):
+            # One row per sequence (e.g. last-token logits) in a ragged forward.
+            return [(s, None, (i, i + 1), None) for i, s in enumerate(seq_ids)]
+        return [(s, None, None, f"dim 0 is {dim0} but cu_seqlens ends at {cu[-1]}") for s in seq_ids]
+    if len(seq_ids) == 1:
+        return [(seq_ids[0], None, None, None)]
+    if dim0 == len(seq_ids):
+        return [(s, i, None, None) for i, s in enumerate(seq_ids)]
+    return [(s, None, None, f"dim 0 is {dim0} but seq_ids lists {len(seq_ids)} sequences") for s in seq_ids]
+
+
+@dataclass
+class Side:
+    """One dump cut into pieces, indexed by match key."""
+
+    dump: Dump
+    pieces: list[Piece] = field(default_factory=list)
+    unmapped: int = 0               # records the mapping dropped
+    notes: list[str] = field(default_factory=list)
+
+
+def cut_dump(dump: Dump, mapping=None, *, keep=None, stages=None) -> Side:
+    """Pieces of every record of ``dump``. ``keep(canonical_key) -> bool`` and
+    ``stages`` (a set of record stages) select records before any tensor is read."""
+    mapping = mapping if mapping is not None else resolve_mapping()
+    side = Side(dump)
+    groups: dict[tuple, list[Record]] = defaultdict(list)
+    for rec in dump.records():
+        if rec.kind != "tensor" or (stages is not None and rec.stage not in stages):
+            continue
+        key = mapping.canonical(rec.key)
+        if key is None:
+            side.unmapped += 1
+            continue
+        if keep is not None and not keep(key):
+            continue
+        # The reference runs one sequence per forward, so (key, phase, step,
+        # call) repeats once per sequence; shards of one forward share seq_ids.
+        groups[(key, rec.phase, rec.step, rec.call, tuple(rec.seq_ids or ()))].append(rec)
+    partial = set()
+    for (key, phase, step, call, _), recs in groups.items():
+        recs.sort(key=lambda r: r.rank)
+        ranks = [r.rank for r in recs]
+        if len(set(ranks)) != len(ranks):
+            raise ParityError(f"{dump.path}: record {key} ({phase} step {step} call {call}) appears twice "
+                              f"on one rank; the dump mixes two runs")
+        dims = {r.meta.get("shard_dim") for r in recs}
+        world = max(r.world_size for r in recs)
+        if len(recs) == 1:
+            units, shard_dim, note = [(None, tuple(recs))], None, None
+            if recs[0].meta.get("shard_dim") is not None and world > 1:
+                units = [(recs[0].rank, tuple(recs))]
+                note = f"shard of rank {recs[0].rank} only; compared rank by rank"
+                partial.add(key)
+        elif None not in dims and len(dims) == 1 and ranks == list(range(world)):
+            units, shard_dim, note = [(None, tuple(recs))], dims.pop(), None
+        else:
+            units, shard_dim = [(r.rank, (r,)) for r in recs], None
+            if None in dims:
+                note = "replicated on every rank (no shard_dim); compared rank by rank"
+            else:
+                note = f"shards of ranks {ranks} of {world}; compared rank by rank"
+                partial.add(key)
+        for rank, rs in units:
+            for seq, row, span, err in _cut(rs[0]):
+                side.pieces.append(Piece(key, phase, step, call, seq, rank, rs, shard_dim, row, span, err, note))
+    if partial:
+        side.notes.append(f"{dump.path}: {len(partial)} sharded record(s) miss ranks and were compared rank "
+                          f"by rank, e.g. {sorted(partial)[0]}")
+    side.pieces.sort(key=lambda p: p.order)
+    return side
+
+
+@dataclass
+class Pair:
+    ref: Piece
+    target: Piece
+
+    @property
+    def rank(self):
+        return self.target.rank if self.target.rank is not None else self.ref.rank
+
+    @property
+    def note(self) -> str | None:
+        return self.target.note or self.ref.note
+
+
+@dataclass
+class Alignment:
+    pairs: list[Pair]               # in the target's execution order
+    only_ref: list[Piece]
+    only_target: list[Piece]
+    notes: list[str]
+
+
+def align(ref: Side, target: Side) -> Alignment:
+    """Pair pieces on (canonical key, phase, step, call, seq_id); a per-rank
+    piece on one side meets the whole piece of the other side."""
+    by_match: dict[tuple, list[Piece]] = defaultdict(list)
+    for p in ref.pieces:
+        by_match[p.match].append(p)
+    used: set[int] = set()
+    pairs, only_target = [], []
+    for t in target.pieces:
+        cands = by_match.get(t.match, [])
+        hit = [r for r in cands if r.rank == t.rank] or [r for r in cands if r.rank is None or t.rank is None]
+        if not hit:
+            only_target.append(t)
+            continue
+        for r in hit:
+            used.add(id(r))
+            pairs.append(Pair(r, t))
+    only_ref = [p for p in ref.pieces if id(p) not in used]
+    return Alignment(pairs, only_ref, only_target, ref.notes + target.notes)
+
+
+def comparable(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """``a`` reshaped to ``b``'s shape when only the split of dims differs
+    (``[S, H*D]`` vs ``[S, H, D]``). Different element counts raise: a
+    truncated comparison would report agreement on data never compared."""
+    if a.shape == b.shape:
+        return a, b, None
+    if a.numel() != b.numel():
+        raise ShapeMismatch(f"shape mismatch: target {list(a.shape)} ({a.numel()} elements) vs "
+                            f"reference {list(b.shape)} ({b.numel()} elements)")
+    return a.reshape(b.shape), b, f"target {list(a.shape)} reshaped to {list(b.shape)}"
+
+
+class ShapeMismatch(ValueError):
+    pass
+
+
+def release(dump: Dump, recs) -> None:
+    """Drop the memory maps behind ``recs`` so their pages leave this
+    process's resident set once no tensor views them."""
+    shards = getattr(dump, "_shards", None)
+    if not shards:
+        return
+    for rec in recs:
+        if rec.file and rec.rank in dump.rank_dirs:
+            shards.pop(os.path.join(dump.rank_dirs[rec.rank], rec.file), None)
+
+
+def token_ids(dump: Dump) -> list[list[int]] | None:
+    """run.json ``token_ids`` as a list of sequences (a flat list is one)."""
+    ids = dump.run.get("token_ids")
+    if ids is None:
+        return None
+    if ids and all(isinstance(x, int) for x in ids):
+        return [list(ids)]
+    return [list(x) for x in ids]
+
+
+def check_token_ids(ref: Dump, target: Dump) -> str | None:
+    """Raise when both runs record token ids and they differ; return a note
+    when the check could not be made."""
+    a, b = token_ids(ref), token_ids(target)
+    if a is None or b is None:
+        missing = [n for n, x in (("reference", a), ("target", b)) if x is None]
+        return f"token ids not checked: run.json of the {' and '.join(missing)} has no token_ids"
+    if a == b:
+        return None
+    if len(a) != len(b):
+        raise ParityError(f"the runs saw different inputs: reference has {len(a)} sequences, target {len(b)} "
+                          f"(run.json token_ids); compare dumps of the same prompts")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            j = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            raise ParityError(f"the runs saw different inputs: sequence {i} differs at token {j} "
+                              f"(reference {x[j] if j < len(x) else 'end'}, target {y[j] if j < len(y) else 'end'}; "
+                              f"run.json token_ids); compare dumps of the same prompts")
+    return None

@@ -1,0 +1,226 @@
+"""``parity.compare_dumps``: every aligned pair of two dumps, with metrics
+and a verdict, in the target's execution order."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from parity.compare.align import (Alignment, Pair, Piece, ShapeMismatch, align, as_dump, check_token_ids,
+                                  comparable, cut_dump, release, resolve_mapping, split_key)
+from parity.errors import ParityError
+
+COLUMNS = ["key", "layer", "stage", "phase", "step", "seq", "rank", "shape", "dtype", "rel_l2", "cos", "max_abs",
+           "frac_equal", "verdict", "reason"]
+_RANK = {"pass": 0, "warn": 1, "fail": 2}
+
+
+@dataclass
+class CompareResult:
+    table: pd.DataFrame             # one row per aligned pair (COLUMNS, plus err_ref_floor in floor mode)
+    only_ref: pd.DataFrame          # records with no partner: key, phase, step, call, seq, rank
+    only_target: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    decisions: object | None = None  # DecisionResult when decision taps were aligned
+    floor: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return bool((self.table["verdict"] == "fail").any()) if len(self.table) else False
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def worst(self, n: int = 10) -> list[int]:
+        """Row positions of the first failing row and the ``n`` worst rows."""
+        if not len(self.table):
+            return []
+        status = self.table["verdict"].map(_RANK).fillna(0)
+        err = pd.to_numeric(self.table["rel_l2"], errors="coerce").fillna(0.0)
+        order = sorted(range(len(self.table)), key=lambda i: (-status.iat[i], -err.iat[i]))
+        first = [i for i in range(len(self.table)) if self.table["verdict"].iat[i] == "fail"][:1]
+        return first + [i for i in order[:n] if status.iat[i] > 0 and i not in first]
+
+    def summary(self) -> dict:
+        t = self.table
+        out = {"pairs": len(t)}
+        for s in ("pass", "warn", "fail"):
+            out[s] = int((t["verdict"] == s).sum()) if len(t) else 0
+        out["only_in_reference"] = len(self.only_ref)
+        out["only_in_target"] = len(self.only_target)
+        if self.failed:
+            r = t[t["verdict"] == "fail"].iloc[0]
+            out["first_failure"] = f"{r['key']} ({r['phase']} step {r['step']} seq {r['seq']}): {r['reason']}"
+        return out
+
+
+def _load(piece: Piece, dump) -> torch.Tensor:
+    if piece.error:
+        raise ShapeMismatch(f"layout: {piece.error}")
+    return piece.load(dump)
+
+
+def _metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
+    from parity.compare.metrics import pair_metrics
+
+    return pair_metrics(a, b)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol) -> dict:
+    from parity.compare.verdict import floor_verdict, verdict_for
+    from parity.decisions import decision_kind, ids_row
+
+    r, t = pair.ref, pair.target
+    layer, stage = split_key(r.key, t.rec.layer if t.rec.layer is not None else r.rec.layer)
+    row = {"key": r.key, "layer": layer, "stage": stage, "phase": t.phase, "step": t.step, "seq": t.seq,
+           "rank": pair.rank, "shape": None, "dtype": None, "rel_l2": None, "cos": None, "max_abs": None,
+           "frac_equal": None, "verdict": "fail", "reason": ""}
+    notes = [n for n in (pair.note,) if n]
+    try:
+        a, b, how = comparable(_load(t, tdump), _load(r, rdump))
+    except ShapeMismatch as exc:
+        row["reason"] = str(exc)
+        return row
+    if how:
+        notes.append(how)
+    row["shape"] = list(b.shape)
+    row["dtype"] = _dtype_name(a) if a.dtype == b.dtype else f"{_dtype_name(a)}/{_dtype_name(b)}"
+    kind = decision_kind(r.key)
+    if kind in ("ids", "topk") and not a.is_floating_point() and not b.is_floating_point():
+        # A flipped decision warns and never fails by itself: a near-tie flips
+        # under any rounding. The tensors downstream say whether it mattered,
+        # and carry a note pointing back here.
+        d = ids_row(a, b)
+        if "error" in d:
+            row["reason"] = d["error"]
+            return row
+        frac = d["differ"] / d["tokens"] if d["tokens"] else 0.0
+        row["frac_equal"] = 1.0 - frac
+        row["verdict"] = "pass" if frac == 0 else "warn"
+        row["reason"] = "same sets" if frac == 0 else (
+            f"decision differs for {frac:.1%} of tokens (mean set overlap {d['overlap_sum'] / d['tokens']:.3f})")
+        return row
+    m = _metrics(a, b)
+    row.update(rel_l2=m.get("rel_l2"), cos=m.get("cos"), max_abs=m.get("max_abs"), frac_equal=m.get("frac_equal"))
+    v = verdict_for(m)
+    if fdump is not None and m.get("rel_l2") is not None and a.is_floating_point() and b.is_floating_point():
+        if floor_piece is None:
+            notes.append("no floor record; fixed thresholds")
+        else:
+            try:
+                f = _load(floor_piece, fdump)
+                f, _, _ = comparable(f, b)
+                mt, mr = _metrics(a, f), _metrics(b, f)
+                row["err_target_floor"], row["err_ref_floor"] = mt.get("rel_l2"), mr.get("rel_l2")
+                lp = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
+                fv = floor_verdict(mt["rel_l2"], mr["rel_l2"], lp, m_floor, atol)
+                # NaN/Inf disagreement and shape problems stay failures whatever the floor says.
+                v = v if (m.get("nonfinite_mismatch") or m.get("shape_mismatch")) else fv
+            except ShapeMismatch as exc:
+                notes.append(f"floor: {exc}; fixed thresholds")
+    row["verdict"], row["reason"] = v.status, "; ".join([v.reason] + notes)
+    return row
+
+
+def frame(rows: list[dict], cols: list[str]) -> pd.DataFrame:
+    """A DataFrame whose integer columns with gaps stay ints and None
+    (pandas would turn them into floats and NaN)."""
+    df = pd.DataFrame(rows, columns=cols)
+    for c in ("layer", "step", "seq", "rank", "call"):
+        if c in df:
+            df[c] = pd.Series([r.get(c) for r in rows], dtype=object, index=df.index)
+    return df
+
+
+def _only_frame(pieces: list[Piece]) -> pd.DataFrame:
+    cols = ["key", "phase", "step", "call", "seq", "rank"]
+    return frame([{c: getattr(p, c) for c in cols} for p in pieces], cols)
+
+
+def _annotate_flips(table: pd.DataFrame, pairs: list[Pair]) -> None:
+    """Mark failing rows that sit downstream (same sequence, earlier in
+    execution) of a discrete decision that flipped."""
+    from parity.decisions import decision_kind
+
+    seen: dict = {}
+    flips = []
+    for i, p in enumerate(pairs):
+        row = table.iloc[i]
+        kind = decision_kind(p.ref.key)
+        if kind in ("ids", "topk") and row["verdict"] != "pass" and row["frac_equal"] is not None \
+                and row["frac_equal"] < 1.0:
+            seen.setdefault(p.target.seq, f"L{row['layer']} {row['stage']} "
+                                          f"({1 - row['frac_equal']:.1%} of tokens)")
+        flip = seen.get(p.target.seq) or (seen.get(None) if p.target.seq is not None else None)
+        flips.append(flip if (row["verdict"] == "fail" and flip and kind is None) else "")
+    table["flip_upstream"] = flips
+    mask = table["flip_upstream"] != ""
+    table.loc[mask, "reason"] = table.loc[mask, "reason"] + "; a decision flipped upstream: " + \
+        table.loc[mask, "flip_upstream"]
+
+
+def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor=None, filter=None,
+                  m: float | None = None, atol: float | None = None, check_tokens: bool = True,
+                  decisions: bool = True) -> CompareResult:
+    """Align the records of ``ref`` and ``target`` (dump dirs or Dumps) and
+    compare every pair. ``mapping``: a mapping file, a Mapping, or None
+    (identity); ``preset``: a preset name. ``floor``: the reference run at
+    higher precision, for noise-floor verdicts (``m``, ``atol`` override the
+    per-dtype defaults). ``filter``: regular expression on canonical keys."""
+    rd, td = as_dump(ref), as_dump(target)
+    fd = as_dump(floor) if floor is not None else None
+    if mapping is None or isinstance(mapping, str):
+        mapping = resolve_mapping(mapping, preset)
+    notes = []
+    if check_tokens:
+        n = check_token_ids(rd, td)
+        if n:
+            notes.append(n)
+    pat = re.compile(filter) if isinstance(filter, str) else filter
+    keep = (lambda k: pat.search(k) is not None) if pat is not None else None
+    rs, ts = cut_dump(rd, mapping, keep=keep), cut_dump(td, mapping, keep=keep)
+    for side, name in ((rs, "reference"), (ts, "target")):
+        if not side.pieces:
+            what = "no tensor records" + (" match --filter" if pat else "")
+            raise ParityError(f"{name} dump {side.dump.path}: {what}"
+                              + (f" ({side.unmapped} records were not covered by the mapping)" if side.unmapped else ""))
+        if side.unmapped:
+            notes.append(f"{side.unmapped} {name} records are not covered by the mapping and were skipped")
+    al: Alignment = align(rs, ts)
+    notes += al.notes
+    if not al.pairs:
+        raise ParityError("no record of the reference meets one of the target: the names differ "
+                          f"(e.g. reference {rs.pieces[0].key!r}, target {ts.pieces[0].key!r}); "
+                          "give --map FILE or --preset NAME")
+    floor_idx = {}
+    if fd is not None:
+        for p in cut_dump(fd, mapping, keep=keep).pieces:
+            floor_idx.setdefault(p.match, []).append(p)
+    rows = []
+    for pair in al.pairs:
+        fp = None
+        if fd is not None:
+            cands = floor_idx.get(pair.ref.match, [])
+            fp = next((c for c in cands if c.rank == pair.ref.rank), None) or next(
+                (c for c in cands if c.rank is None), None)
+        rows.append(_row(pair, rd, td, fp, fd, m, atol))
+    cols = COLUMNS + (["err_target_floor", "err_ref_floor"] if fd is not None else [])
+    table = frame(rows, cols)
+    dec = None
+    if decisions:
+        from parity.decisions import decision_kind, decisions_from_alignment
+
+        if any(decision_kind(p.ref.key) for p in al.pairs):
+            _annotate_flips(table, al.pairs)
+            dec = decisions_from_alignment(al, rd, td)
+    if "flip_upstream" not in table:
+        table["flip_upstream"] = ""
+    return CompareResult(table, _only_frame(al.only_ref), _only_frame(al.only_target), notes, dec, fd is not None)

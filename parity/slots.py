@@ -1,0 +1,284 @@
+"""Slot (batch) invariance: does a sequence get the same bits whatever else
+shares its batch?
+
+Each record of a batched run is cut per sequence with its layout metadata
+(ragged ``cu_seqlens`` of unequal lengths included) and compared with the same
+record of a solo run of that prompt, or with slot 0 when the batch holds N
+copies of one prompt. Invariance is bitwise: a slot that is merely close is
+not invariant, and its error is reported so the size of the leak is visible.
+
+Bitwise equality is checked first on integer views of the bits
+(``torch.equal`` stops at the first difference and never converts); float
+metrics are computed only for slots that differ. Memory maps are dropped as
+soon as their records are done, so the resident set stays near one record.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from parity.compare.align import _cut, as_dump, release, split_key, squeeze_leading, token_ids
+from parity.errors import ParityError
+from parity.store.reader import Dump
+from parity.store.schema import Record
+
+_BLOCK = 1 << 18  # float64 work in L2/L3-sized pieces
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+COLUMNS = ["key", "layer", "stage", "phase", "step", "rank", "slot", "seq", "tokens", "frac_equal", "cos",
+           "max_abs", "invariant", "reason"]
+
+
+@dataclass
+class SlotResult:
+    table: pd.DataFrame             # one row per (record, slot) in execution order
+    first: pd.DataFrame             # per (slot, phase, step): first non-invariant layer and stage
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def invariant(self) -> bool:
+        return bool(len(self.table)) and bool(self.table["invariant"].all())
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.invariant else 1
+
+
+def _libc_memcmp():
+    try:
+        libc = ctypes.CDLL(None)
+        fn = libc.memcmp
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+# memcmp runs at memory bandwidth and releases the GIL; torch.equal compares
+# element by element and is about ten times slower on page-cached dumps.
+_memcmp = _libc_memcmp()
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if _memcmp is not None and a.device.type == "cpu" and b.device.type == "cpu" \
+            and a.is_contiguous() and b.is_contiguous():
+        n = a.numel() * a.element_size()
+        return n == 0 or _memcmp(a.data_ptr(), b.data_ptr(), n) == 0
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    # Integer views: NaN payloads and signed zeros count, and no conversion runs.
+    bits = _BITS[a.element_size()]
+    return torch.equal(a.view(bits), b.view(bits))
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Metrics of slot ``a`` against its baseline ``b``; floats only when the bits differ."""
+    a, b = squeeze_leading(a), squeeze_leading(b)
+    if a.shape != b.shape:
+        return {"invariant": False, "reason": f"shape {list(a.shape)} vs baseline {list(b.shape)}"}
+    if a.dtype != b.dtype:
+        return {"invariant": False, "reason": f"dtype {a.dtype} vs baseline {b.dtype}"}
+    if bitwise_equal(a, b):
+        return {"frac_equal": 1.0, "cos": 1.0 if a.is_floating_point() else None, "max_abs": 0.0,
+                "invariant": True, "reason": ""}
+    m = _diff_metrics(a, b)
+    reason = f"bits differ in {1 - m['frac_equal']:.3g} of elements"
+    if m.pop("nonfinite"):
+        reason += "; NaN/Inf positions differ"
+    return {**m, "invariant": False, "reason": reason}
+
+
+def _diff_metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Bitwise-equal fraction, float64 cosine and max abs difference of two
+    same-dtype tensors, a bounded block at a time. Only these three: slots
+    that differ are compared many times over, and the full pair metrics
+    (ULP histograms and all) cost ten times as much."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    n = fa.numel()
+    bits = _BITS.get(a.element_size()) if a.dtype != torch.bool else None
+    floating = a.is_floating_point()
+    n_eq, dot, aa, bb, mx, nonfinite = 0, 0.0, 0.0, 0.0, 0.0, False
+    for s in range(0, n, _BLOCK):
+        ca, cb = fa[s:s + _BLOCK], fb[s:s + _BLOCK]
+        if bits is not None:
+            n_eq += ca.numel() - int(torch.count_nonzero(ca.view(bits) != cb.view(bits)))
+        else:
+            n_eq += int((ca == cb).sum())
+        xa, xb = ca.to(torch.float64), cb.to(torch.float64)
+        if floating:
+            ok = torch.isfinite(xa) & torch.isfinite(xb)
+            if not bool(ok.all()):
+                nonfinite = nonfinite or bool(((~ok) & (ca.view(bits) != cb.view(bits))).any())
+                xa, xb = xa[ok], xb[ok]
+        if xa.numel():
+            dot += float(torch.dot(xa, xb))
+            aa += float(torch.dot(xa, xa))
+            bb += float(torch.dot(xb, xb))
+            mx = max(mx, float((xa - xb).abs_().max()))
+    cos = None
+    if floating:
+        cos = 1.0 if aa == 0.0 and bb == 0.0 else (0.0 if aa == 0.0 or bb == 0.0 else
+                                                   max(-1.0, min(1.0, dot / math.sqrt(aa * bb))))
+    return {"frac_equal": n_eq / n if n else 1.0, "cos": cos, "max_abs": mx, "nonfinite": nonfinite}
+
+
+class _Releaser:
+    """Drops a shard's memory map once its last selected record is done."""
+
+    def __init__(self, dump: Dump, recs):
+        self.dump = dump
+        self.left = Counter((r.rank, r.file) for r in recs)
+
+    def done(self, rec: Record) -> None:
+        k = (rec.rank, rec.file)
+        self.left[k] -= 1
+        if self.left[k] <= 0:
+            release(self.dump, [rec])
+
+
+def _solo_index(batched: Dump, solos: list[Dump]) -> tuple[dict[int, Dump], list[str]]:
+    """seq_id of the batched run -> the solo dump of that prompt: by run.json
+    token ids when both runs have them, else by the solo records' seq_ids."""
+    notes = []
+    prompts = token_ids(batched)
+    out: dict[int, Dump] = {}
+    for s in solos:
+        ids = token_ids(s)
+        if ids is not None and prompts is not None:
+            if len(ids) != 1:
+                raise ParityError(f"{s.path} is not a solo run: its run.json lists {len(ids)} sequences")
+            hits = [i for i, p in enumerate(prompts) if p == ids[0]]
+            if not hits:
+                raise ParityError(f"{s.path}: its prompt is not one of the batched run's prompts (run.json token_ids)")
+        else:
+            first = next((r for r in s.records() if r.seq_ids), None)
+            if first is None:
+                raise ParityError(f"{s.path}: neither run.json token_ids nor record seq_ids say which prompt it ran")
+            if len(first.seq_ids) != 1:
+                raise ParityError(f"{s.path} is not a solo run: its records cover sequences {first.seq_ids}")
+            hits = first.seq_ids
+            notes.append(f"{s.path} matched to sequence {hits[0]} by seq_ids (no token ids to check)")
+        for i in hits:
+            out.setdefault(i, s)
+    return out, notes
+
+
+def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=None) -> SlotResult:
+    """Compare every sequence of the ``batched`` run with its solo run
+    (``solo``: dump dirs or Dumps, matched by prompt) or, with
+    ``same_prompt``, with slot 0 of the same batch."""
+    bdump = as_dump(batched)
+    solos = [as_dump(s) for s in (solo or [])]
+    if not solos and not same_prompt:
+        raise ParityError("give the solo runs (--solo DIR ...) or say the batch repeats one prompt (--same-prompt)")
+    if solos and same_prompt:
+        raise ParityError("--solo and --same-prompt exclude each other")
+    pat = re.compile(filter) if isinstance(filter, str) else filter
+    recs = [r for r in bdump.records() if r.kind == "tensor" and (pat is None or pat.search(r.key))]
+    if not recs:
+        raise ParityError(f"{bdump.path}: no tensor records to compare" + (" (after --filter)" if pat else ""))
+    notes: list[str] = []
+    solo_of: dict[int, Dump] = {}
+    solo_recs: dict[int, dict[tuple, Record]] = {}
+    rel_solo: dict[int, _Releaser] = {}
+    if solos:
+        solo_of, notes = _solo_index(bdump, solos)
+        for s in solos:
+            idx = {}
+            for r in s.records():
+                if r.kind == "tensor":
+                    idx[(r.key, r.phase, r.step, r.call, r.rank)] = r
+            solo_recs[id(s)] = idx
+            rel_solo[id(s)] = _Releaser(s, idx.values())
+    rel = _Releaser(bdump, recs)
+    rows = []
+    unsplit = 0
+    for rec in sorted(recs, key=lambda r: (r.rank, r.seq)):
+        cuts = _cut(rec)
+        layer, stage = split_key(rec.key, rec.layer)
+        base = dict(key=rec.key, layer=layer, stage=stage, phase=rec.phase, step=rec.step, rank=rec.rank)
+        if cuts[0][0] is None or (same_prompt and len(cuts) < 2):
+            unsplit += 1
+            rel.done(rec)
+            continue
+        t = bdump.load(rec)
+        piece = lambda c: t[c[1]] if c[1] is not None else (t[c[2][0]:c[2][1]] if c[2] is not None else t)
+        if same_prompt:
+            ref_cut = cuts[0]
+            for slot, c in enumerate(cuts[1:], start=1):
+                row = dict(base, slot=slot, seq=c[0])
+                if c[3] or ref_cut[3]:
+                    row.update(invariant=False, reason=c[3] or ref_cut[3])
+                else:
+                    a, b = piece(c), piece(ref_cut)
+                    row["tokens"] = a.shape[0] if c[2] is not None else None
+                    if c[2] is not None and a.shape[0] != b.shape[0]:
+                        row.update(invariant=False, reason=f"{a.shape[0]} tokens vs {b.shape[0]} in slot 0: "
+                                                           "--same-prompt needs copies of one prompt")
+                    else:
+                        row.update(_compare(a, b))
+                rows.append(row)
+        else:
+            for slot, c in enumerate(cuts):
+                s = solo_of.get(c[0])
+                if s is None:
+                    continue
+                row = dict(base, slot=slot, seq=c[0])
+                srec = solo_recs[id(s)].get((rec.key, rec.phase, rec.step, rec.call, rec.rank))
+                if c[3]:
+                    row.update(invariant=False, reason=c[3])
+                elif srec is None:
+                    row.update(invariant=False, reason=f"no such record in the solo run {s.path}")
+                else:
+                    a = piece(c)
+                    row["tokens"] = a.shape[0] if c[2] is not None else None
+                    sc = _cut(srec)
+                    if len(sc) != 1 or sc[0][3]:
+                        row.update(invariant=False, reason=sc[0][3] or f"solo record covers {len(sc)} sequences")
+                    else:
+                        st = solo_dump_piece(s, srec, sc[0])
+                        row.update(_compare(a, st))
+                        del st
+                    rel_solo[id(s)].done(srec)
+                rows.append(row)
+        del t, piece
+        rel.done(rec)
+    if unsplit:
+        notes.append(f"{unsplit} record(s) without per-sequence layout were skipped")
+    if solos:
+        all_seqs = {i for r in recs for i in (r.seq_ids or [])}
+        if all_seqs - set(solo_of):
+            notes.append(f"no solo run for sequence(s) {sorted(all_seqs - set(solo_of))}: not compared")
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["invariant"] = table["invariant"].astype(bool)
+    return SlotResult(table, _first(table), notes)
+
+
+def solo_dump_piece(dump: Dump, rec: Record, cut) -> torch.Tensor:
+    t = dump.load(rec)
+    if cut[1] is not None:
+        return t[cut[1]]
+    if cut[2] is not None:
+        return t[cut[2][0]:cut[2][1]]
+    return t
+
+
+def _first(table: pd.DataFrame) -> pd.DataFrame:
+    cols = ["slot", "seq", "phase", "step", "rank", "layer", "stage", "key", "frac_equal", "max_abs"]
+    out = []
+    seen = defaultdict(bool)
+    for r in table.itertuples(index=False):
+        k = (r.slot, r.phase, r.step, r.rank)
+        if not r.invariant and not seen[k]:
+            seen[k] = True
+            out.append({c: getattr(r, c) for c in cols})
+    return pd.DataFrame(out, columns=cols)
