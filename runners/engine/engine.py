@@ -190,7 +190,8 @@ class Engine:
             self.capture.set_run_info(token_ids=[self.requests[r].prompt_ids for r in rids],
                                       impl="engine", precision=self.precision)
         while self.has_unfinished():
-            self.step()
+            if not self.step():
+                raise ParityError("the scheduler cannot place any waiting request (cache too small)")
         results = []
         for rid in rids:
             req = self.requests.pop(rid)

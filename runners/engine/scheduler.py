@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runners.engine.cache import CacheManager
+from runners.engine.errors import ParityError
 from runners.engine.sampling import SamplingParams
 
 
@@ -61,10 +62,10 @@ class Scheduler:
     def add(self, req: Request) -> None:
         total = len(req.prompt_ids) + req.params.max_new_tokens
         if total > self.cache.max_model_len:
-            from runners.engine.errors import ParityError
-
             raise ParityError(f"request {req.request_id}: prompt {len(req.prompt_ids)} + max_new_tokens "
                               f"{req.params.max_new_tokens} exceeds max_model_len {self.cache.max_model_len}")
+        if self.cache.blocks_needed(req.request_id, total) > self.cache.cache.num_blocks:
+            raise ParityError(f"request {req.request_id} needs more cache blocks than the pool has")
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
