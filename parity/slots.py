@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from parity.compare.api import frame
 from parity.compare.align import _cut, as_dump, release, split_key, squeeze_leading, token_ids
 from parity.errors import ParityError
 from parity.store.reader import Dump
@@ -258,7 +259,7 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
         all_seqs = {i for r in recs for i in (r.seq_ids or [])}
         if all_seqs - set(solo_of):
             notes.append(f"no solo run for sequence(s) {sorted(all_seqs - set(solo_of))}: not compared")
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = frame(rows, COLUMNS)
     table["invariant"] = table["invariant"].astype(bool)
     return SlotResult(table, _first(table), notes)
 
@@ -281,4 +282,4 @@ def _first(table: pd.DataFrame) -> pd.DataFrame:
         if not r.invariant and not seen[k]:
             seen[k] = True
             out.append({c: getattr(r, c) for c in cols})
-    return pd.DataFrame(out, columns=cols)
+    return frame(out, cols)

@@ -53,7 +53,12 @@ class Toy:
             if t.is_floating_point():
                 t = t.to(rt).to(dt)
             if perturb is not None:
-                t = perturb(layer, f"{module}:{stage}", seq_id, t)
+                new = perturb(layer, f"{module}:{stage}", seq_id, t)
+                if new.shape != t.shape:
+                    # A dump-side shape bug: recorded, while the model runs on.
+                    out.append((module, stage, layer, new))
+                    return t
+                t = new
             out.append((module, stage, layer, t))
             return t
 

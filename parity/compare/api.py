@@ -134,7 +134,7 @@ def frame(rows: list[dict], cols: list[str]) -> pd.DataFrame:
     """A DataFrame whose integer columns with gaps stay ints and None
     (pandas would turn them into floats and NaN)."""
     df = pd.DataFrame(rows, columns=cols)
-    for c in ("layer", "step", "seq", "rank", "call"):
+    for c in ("layer", "step", "seq", "rank", "call", "slot", "tokens"):
         if c in df:
             df[c] = pd.Series([r.get(c) for r in rows], dtype=object, index=df.index)
     return df
@@ -160,7 +160,7 @@ def _annotate_flips(table: pd.DataFrame, pairs: list[Pair]) -> None:
             seen.setdefault(p.target.seq, f"L{row['layer']} {row['stage']} "
                                           f"({1 - row['frac_equal']:.1%} of tokens)")
         flip = seen.get(p.target.seq) or (seen.get(None) if p.target.seq is not None else None)
-        flips.append(flip if (row["verdict"] == "fail" and flip and kind is None) else "")
+        flips.append(flip if (row["verdict"] == "fail" and flip and kind not in ("ids", "topk")) else "")
     table["flip_upstream"] = flips
     mask = table["flip_upstream"] != ""
     table.loc[mask, "reason"] = table.loc[mask, "reason"] + "; a decision flipped upstream: " + \

@@ -91,11 +91,16 @@ def heatmap(pivot: pd.DataFrame, path: str, title: str, xlabel: str, ylabel: str
     return path
 
 
+def _is_layer(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
 def compare_plots(table: pd.DataFrame, curve: pd.DataFrame | None, out_dir: str) -> list[str]:
     """Per-layer error curve and layer x stage heatmap of a compare table."""
     out_dir = _outdir(out_dir)
     paths = []
-    t = table[table["layer"].map(lambda v: isinstance(v, int))].copy()
+    t = table[table["layer"].map(_is_layer)].copy()
+    t["layer"] = t["layer"].astype(int)
     t["rel_l2"] = pd.to_numeric(t["rel_l2"], errors="coerce")
     t = t.dropna(subset=["rel_l2"])
     if curve is not None and len(curve):
@@ -114,7 +119,8 @@ def compare_plots(table: pd.DataFrame, curve: pd.DataFrame | None, out_dir: str)
 def slot_plots(table: pd.DataFrame, out_dir: str) -> list[str]:
     """Slot x layer heatmap of the non-equal fraction (0 = bitwise invariant)."""
     out_dir = _outdir(out_dir)
-    t = table[table["layer"].map(lambda v: isinstance(v, int))].copy()
+    t = table[table["layer"].map(_is_layer)].copy()
+    t["layer"] = t["layer"].astype(int)
     if not len(t):
         return []
     t["differ"] = 1.0 - pd.to_numeric(t["frac_equal"], errors="coerce").fillna(0.0)
