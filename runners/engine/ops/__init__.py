@@ -74,17 +74,20 @@ class Choice:
     requested: str
     backend: str
     note: str
+    loud: bool = False  # worth a warning: the backend is missing, or this op was asked for by name
 
 
 def _choose(name: str) -> Choice:
     default = os.environ.get("PARITY_ENGINE_BACKEND", "torch").strip().lower() or "torch"
-    requested = os.environ.get(f"PARITY_ENGINE_OP_{name.upper()}", default).strip().lower() or default
+    per_op = os.environ.get(f"PARITY_ENGINE_OP_{name.upper()}", "").strip().lower()
+    requested = per_op or default
     impls = _IMPLS[name]
     if requested in impls:
         return Choice(name, requested, requested, "")
     status = _BACKEND_STATUS.get(requested, "unknown backend")
     note = f"{requested} {status if status != 'available' else 'has no ' + name}; using torch"
-    return Choice(name, requested, "torch", note)
+    # a backend that covers only some ops is normal under PARITY_ENGINE_BACKEND
+    return Choice(name, requested, "torch", note, loud=bool(per_op) or status != "available")
 
 
 class _Table:
@@ -103,7 +106,7 @@ class _Table:
             c = _choose(name)
             fns[name] = _IMPLS[name][c.backend]
             choices[name] = c
-            if c.note and c.requested != "torch":
+            if c.loud and c.requested != "torch":
                 notes.append(f"{name}: {c.note}")
         self._fns, self._choices = fns, choices
         if notes:
