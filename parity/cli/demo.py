@@ -1,0 +1,450 @@
+"""`parity demo`: the whole loop on the tiny checkpoint, on the CPU.
+
+Runs the reference and the engine side by side on a few GSM8K questions,
+then ref-vs-target, layer-bisect and slot-invariance on their dumps, and
+writes a report folder (summary.md, summary.json, tables, PNG plots, and the
+dumps themselves so every command can be re-run by hand).
+
+The runners and reference models are imported inside the functions: parity
+itself stays engine-agnostic and imports neither.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from parity.cli import cli
+from parity.errors import ParityError
+
+DEFAULT_OUT = "parity-demo"
+DEFAULT_CKPT = "checkpoints/tiny-gsm8k"
+PRESET = "deepseek_v4"
+# Everything the demo writes into --out; --force removes only these.
+_OWNED = ("summary.md", "summary.json", "compare.csv", "bisect.csv", "slots.csv", "plots", "dumps")
+
+# Used when the GSM8K test split is not on disk: short questions in GSM8K's
+# style, so the demo runs anywhere the repository does.
+BUILTIN_QUESTIONS = [
+    {"question": "Tom has 3 boxes of apples with 4 apples in each box. He gives 2 apples to his sister and eats "
+                 "1 apple. How many apples does Tom have left?",
+     "answer": "Tom has 3 * 4 = <<3*4=12>>12 apples. He has 12 - 2 - 1 = <<12-2-1=9>>9 apples left.\n#### 9"},
+    {"question": "A pen costs $2 and a notebook costs $5. Maria buys 3 pens and 2 notebooks for school. How "
+                 "much money does Maria spend in total?",
+     "answer": "The pens cost 3 * 2 = <<3*2=6>>6 dollars. The notebooks cost 2 * 5 = <<2*5=10>>10 dollars. "
+               "She spends 6 + 10 = <<6+10=16>>16 dollars.\n#### 16"},
+    {"question": "Sara reads 12 pages of her book every day. Her book has 100 pages. How many pages are left "
+                 "to read after one week?",
+     "answer": "In one week she reads 12 * 7 = <<12*7=84>>84 pages. 100 - 84 = <<100-84=16>>16 pages are "
+               "left.\n#### 16"},
+    {"question": "A train travels 60 miles every hour. It leaves at 9 am and arrives at 12 pm. How many miles "
+                 "does the train travel?",
+     "answer": "It travels for 12 - 9 = <<12-9=3>>3 hours, so 60 * 3 = <<60*3=180>>180 miles.\n#### 180"},
+    {"question": "There are 25 students in a class and 5 tables. Each table gets the same number of students. "
+                 "How many students sit at each table?",
+     "answer": "25 / 5 = <<25/5=5>>5 students sit at each table.\n#### 5"},
+]
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _outside(module: str):
+    """A module of runners/ or reference_models/, imported at call time by
+    name: parity itself imports neither (tests/test_no_pickle.py checks)."""
+    return importlib.import_module(module)
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "parity"
+
+
+def resolve_checkpoint(ckpt: str | None, say=lambda msg: None) -> Path:
+    """The checkpoint to run: the one given, else the committed trained tiny
+    checkpoint, else the tiny preset synthesized with seed 0 (cached)."""
+    if ckpt is not None:
+        p = Path(ckpt)
+        if not (p / "config.json").is_file():
+            raise ParityError(f"--ckpt {p}: no config.json there")
+        return p
+    committed = _repo_root() / DEFAULT_CKPT
+    if (committed / "config.json").is_file():
+        return committed
+    synth = _cache_dir() / "tiny-seed0"
+    if not (synth / "config.json").is_file():
+        say(f"{committed} is missing; synthesizing the tiny preset (seed 0) into {synth}")
+        _outside("reference_models.synth").synthesize("tiny", seed=0, out=synth, force=True)
+    return synth
+
+
+def demo_prompts(n: int, data: str | None) -> tuple[list[str], str]:
+    """``n`` 0-shot GSM8K prompts and where they came from."""
+    from parity.gate.task import default_data_path, doc_to_text, load_docs
+
+    if n < 1:
+        raise ParityError("--questions must be >= 1")
+    path = Path(data) if data else default_data_path()
+    if data and not path.is_file():
+        raise ParityError(f"--data {path}: no such file")
+    if path.is_file():
+        docs = load_docs(path)[:n]
+        source = f"GSM8K test ({path}), first {len(docs)}"
+    else:
+        docs = BUILTIN_QUESTIONS[:n]
+        source = f"built-in questions ({path} not found), first {len(docs)}"
+    return [doc_to_text(d) for d in docs], source
+
+
+def check_fault(fault: str | None) -> None:
+    if not fault:
+        return
+    names = _outside("runners.side_by_side").known_faults()
+    if names is None:
+        raise ParityError("this engine has no fault zoo (runners/engine/faults.py): --fault cannot inject anything")
+    if fault not in names:
+        raise ParityError(f"unknown fault {fault!r} (known: {', '.join(names)})")
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ParityError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ParityError(f"--out {out} is not empty; give --force to replace a previous demo's files in it")
+        for name in _OWNED:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+@dataclass
+class SlotVerdict:
+    status: str                 # pass: bitwise; warn: rounding-level only; fail: a slot really differs
+    message: str
+    first: list[dict] = field(default_factory=list)
+
+
+# The engine's torch backend runs CPU GEMMs whose rounding depends on how
+# many rows share the call (MKL picks a different kernel and blocking), so a
+# sequence in a batch can differ from the same sequence alone in the last
+# bits without any bug. Bitwise invariance is reported as such; a slot only
+# counts as diverged when it is farther off than the per-dtype thresholds
+# that ref-vs-target applies, or when it flips more decisions than a
+# near-tie explains.
+_DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
+
+
+def slot_verdict(res, precision: str) -> SlotVerdict:
+    from parity.compare.verdict import IDS_FAIL_FRAC, THRESHOLDS
+
+    t = res.table
+    if res.invariant:
+        return SlotVerdict("pass", f"bitwise invariant: all {len(t)} (record, slot) pairs equal their solo runs")
+    cos_fail = THRESHOLDS[_DTYPE_OF.get(precision, "float32")].cos_fail
+    bad = t[~t["invariant"]]
+    hard = []
+    for r in bad.itertuples(index=False):
+        cos = r.cos if r.cos == r.cos else None  # NaN -> None
+        frac = r.frac_equal if r.frac_equal == r.frac_equal else None
+        if cos is not None:
+            if cos < cos_fail:
+                hard.append(r)
+        elif frac is None or (1.0 - frac) > IDS_FAIL_FRAC:
+            hard.append(r)
+    if not hard:
+        floats = bad[bad["cos"].notna()]
+        size = (f"; worst cos 1 - {1 - float(floats['cos'].min()):.1e}, max |diff| {float(floats['max_abs'].max()):.1e}"
+                if len(floats) else "")
+        start = ""
+        if len(res.first):
+            f = res.first.iloc[0]
+            start = f" from layer {f['layer']} {f['stage']} ({f['phase']}) on"
+        return SlotVerdict("warn", f"not bitwise invariant: {len(bad)} of {len(t)} (record, slot) pairs differ in the "
+                                   f"last bits{start}{size}; within {precision} rounding, so not counted as a "
+                                   f"divergence")
+    first, seen = [], set()
+    for r in hard:
+        k = (r.slot, r.phase, r.step)
+        if k in seen:
+            continue
+        seen.add(k)
+        first.append({"slot": r.slot, "seq": r.seq, "phase": r.phase, "step": r.step, "layer": r.layer,
+                      "stage": r.stage, "key": r.key, "cos": r.cos, "frac_equal": r.frac_equal, "reason": r.reason})
+    f = first[0]
+    where = f["phase"] + (f" step {f['step']}" if f["phase"] == "decode" else "")
+    slots = sorted({x["slot"] for x in first})
+    return SlotVerdict("fail", f"slot {f['slot']} (seq {f['seq']}) differs from its solo run beyond rounding, first "
+                               f"at layer {f['layer']} {f['stage']} ({where}; {f['reason']}); slots affected: "
+                               f"{', '.join(map(str, slots))}", first)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    side: object                # runners.side_by_side.SideBySide
+    compare: object             # parity.compare.api.CompareResult
+    bisect: object              # parity.bisect.BisectResult
+    slots: object               # parity.slots.SlotResult
+    slot: SlotVerdict
+    source: str
+    plots: list[str]
+    timings: dict[str, float]
+
+    @property
+    def diverged(self) -> bool:
+        return self.compare.failed or self.bisect.key is not None or self.slot.status == "fail"
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.diverged else 0
+
+
+class _Progress:
+    """One tqdm bar over the demo's stages, on stderr."""
+
+    def __init__(self, stages: list[str], enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(stages), file=sys.stderr, unit="step", leave=True,
+                            bar_format="{desc:<34}{bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+        self.started = False
+
+    def stage(self, name: str) -> None:
+        if self.bar is None:
+            return
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description_str(name)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.started:
+                self.bar.update(1)
+            self.bar.set_description_str("done")
+            self.bar.close()
+
+
+def _quiet_loading():
+    """Silence transformers' per-load progress bars, which would interleave
+    with the demo's own; returns the function that restores them."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    return hf_logging.enable_progress_bar if was else (lambda: None)
+
+
+_ENGINE_STAGE = {"target": "engine: all prompts (target)", "ref": "reference, forced on engine tokens",
+                 "floor": "reference in fp64 (floor)", "batched": "engine: batched run"}
+
+
+def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, precision: str = "fp32",
+             fault: str | None = None, data: str | None = None, force: bool = False, progress: bool = True,
+             patch_engine=None) -> DemoResult:
+    import torch
+
+    from parity.bisect import layer_bisect
+    from parity.compare.api import compare_dumps
+    from parity.slots import slot_invariance
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    check_fault(fault)
+    prepare_out(out, force)
+    prompts, source = demo_prompts(questions, data)
+    say = lambda msg: click.echo(f"parity demo: {msg}", err=True)
+    ckpt = resolve_checkpoint(ckpt, say)
+    sbs = _outside("runners.side_by_side")
+
+    distinct = len(prompts)
+    stages = (["engine: all prompts (target)", "reference, forced on engine tokens", "engine: batched run"]
+              + [f"engine: prompt {i} alone" for i in range(distinct)]
+              + ["ref-vs-target", "layer-bisect", "slot-invariance", "plots and report"])
+    bar = _Progress(stages, progress)
+    timings: dict[str, float] = {}
+    # The tiny model's matmuls are small: one thread is faster than two on a
+    # shared machine, and every run of the demo then sums in the same order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    quiet = _quiet_loading()
+    try:
+        side = sbs.run_side_by_side(
+            ckpt, prompts, out / "dumps", precision=precision, decode_steps=decode_steps, fault=fault,
+            force=True, patch_engine=patch_engine,
+            on_stage=lambda s: bar.stage(_ENGINE_STAGE.get(s, f"engine: prompt {s[5:]} alone")))
+        timings.update(side.timings)
+        t = time.perf_counter()
+        bar.stage("ref-vs-target")
+        cmp = compare_dumps(side.ref, side.target, preset=PRESET)
+        timings["ref-vs-target"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        bar.stage("layer-bisect")
+        bis = layer_bisect(side.ref, side.target, compare=cmp)
+        timings["layer-bisect"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        bar.stage("slot-invariance")
+        slots = slot_invariance(side.batched, [str(p) for p in side.solos], filter=sbs.SLOT_FILTER)
+        verdict = slot_verdict(slots, precision)
+        timings["slot-invariance"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        bar.stage("plots and report")
+        from parity.report.plots import compare_plots, slot_plots
+
+        plots = compare_plots(cmp.table, bis.curve, str(out / "plots")) + slot_plots(slots.table, str(out / "plots"))
+        timings["plots"] = round(time.perf_counter() - t, 3)
+        res = DemoResult(out, side, cmp, bis, slots, verdict, source, plots, timings)
+        timings["total"] = round(time.perf_counter() - t_start, 3)
+        write_report(res, ckpt, precision, fault, decode_steps)
+    finally:
+        torch.set_num_threads(threads)
+        quiet()
+        bar.close()
+    return res
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _decode(ckpt, ids) -> str:
+    try:
+        return _outside("reference_models.load").load_tokenizer(ckpt).decode(ids)
+    except Exception:  # noqa: BLE001 - text is decoration; the ids are in index.json
+        return ""
+
+
+def _compare_line(cmp) -> str:
+    s = cmp.summary()
+    line = f"{s['pairs']} aligned pairs: {s['pass']} pass, {s['warn']} warn, {s['fail']} fail"
+    if "first_failure" in s:
+        line += f"; first failure {s['first_failure']}"
+    return line
+
+
+def summary_lines(res: DemoResult) -> list[str]:
+    idx = res.side.index
+    fault = idx.get("fault") or "none"
+    verdict = "DIVERGENCE FOUND" if res.diverged else "agreement"
+    return [
+        f"checkpoint:      {idx['checkpoint']}",
+        f"prompts:         {res.source}; {idx['precision']}; {idx['decode_steps']} decode steps; fault: {fault}",
+        f"ref-vs-target:   {'FAIL' if res.compare.failed else 'pass'}: {_compare_line(res.compare)}",
+        f"layer-bisect:    {res.bisect.message}",
+        f"slot-invariance: {res.slot.status.upper()}: {res.slot.message}",
+        f"verdict:         {verdict} (exit {res.exit_code})",
+        f"report:          {res.out / 'summary.md'} ({len(res.plots)} plots) in {res.timings.get('total', 0):.0f} s",
+    ]
+
+
+def _md_table(df, cols, n=None) -> str:
+    from parity.report.tables import to_markdown
+
+    df = df[[c for c in cols if c in df]]
+    return to_markdown(df if n is None else df.head(n))
+
+
+def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
+    out, idx, cmp, bis = res.out, res.side.index, res.compare, res.bisect
+    cmp.table.to_csv(out / "compare.csv", index=False)
+    bis.curve.to_csv(out / "bisect.csv", index=False)
+    res.slots.table.to_csv(out / "slots.csv", index=False)
+    d = "dumps"
+    solos = " ".join(f"--solo {d}/{p}" for p in idx["dumps"]["solo"])
+    lines = ["# parity demo", "", "```", *summary_lines(res), "```", ""]
+    lines += ["## What ran", "",
+              f"The engine (`runners/engine`, {precision}) and the transformers reference read the same token "
+              f"ids; the reference was forced on the engine's greedy tokens, so every decode step lines up. "
+              f"Fault injected into the engine: **{fault or 'none'}**.", ""]
+    lines += ["| # | prompt tokens | engine continuation |", "|---|---|---|"]
+    for i, (p, g) in enumerate(zip(idx["prompts"], idx["generated"])):
+        text = _decode(ckpt, g).replace("\n", " ").replace("|", "\\|")
+        lines.append(f"| {i} | {len(p['token_ids'])} | `{text}` |")
+    lines += ["", "## ref-vs-target", "", _compare_line(cmp) + ".", ""]
+    if cmp.failed:
+        lines += ["Worst rows:", "", _md_table(cmp.table.iloc[cmp.worst(10)],
+                                                ["key", "phase", "step", "seq", "rel_l2", "cos", "verdict", "reason"]), ""]
+    lines += ["## layer-bisect", "", bis.message + ".", "", _md_table(bis.curve, list(bis.curve.columns)), ""]
+    if len(bis.stages):
+        st = bis.stages[bis.stages["verdict"] != "pass"]
+        lines += [f"Stages of layer {bis.layer} that do not pass:", "",
+                  _md_table(st, ["stage", "input_err", "output_err", "growth", "verdict", "meaning", "where"]), ""]
+    lines += ["## slot-invariance", "", f"**{res.slot.status}**: {res.slot.message}.", ""]
+    if res.slot.first:
+        import pandas as pd
+
+        lines += [_md_table(pd.DataFrame(res.slot.first), ["slot", "seq", "phase", "step", "layer", "stage", "cos",
+                                                           "reason"]), ""]
+    lines += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in res.plots] + [""]
+    lines += ["## Re-run by hand", "", "From this folder:", "", "```bash",
+              f"parity ref-vs-target --ref {d}/ref --target {d}/target --preset {PRESET}",
+              f"parity layer-bisect --ref {d}/ref --target {d}/target --preset {PRESET}",
+              f"parity slot-invariance --dir {d}/batched {solos} --filter '{idx['slot_filter']}'",
+              "```", "", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()), ""]
+    (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
+    summary = {
+        "diverged": res.diverged, "exit_code": res.exit_code, "checkpoint": idx["checkpoint"], "source": res.source,
+        "precision": precision, "decode_steps": decode_steps, "fault": fault,
+        "ref_vs_target": cmp.summary(),
+        "layer_bisect": {"layer": bis.layer, "stage": bis.stage, "key": bis.key, "message": bis.message,
+                         "entries": bis.entries},
+        "slot_invariance": {"status": res.slot.status, "message": res.slot.message, "first": res.slot.first},
+        "plots": [f"plots/{Path(p).name}" for p in res.plots], "timings_s": res.timings,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- command
+
+
+@cli.command("demo")
+@click.option("--out", default=DEFAULT_OUT, show_default=True, metavar="DIR",
+              help="Report folder (summary.md, plots, dumps). Refused when not empty, unless --force.")
+@click.option("--force", is_flag=True, help="Replace a previous demo's files in --out.")
+@click.option("--fault", metavar="NAME", default=None,
+              help="Inject one engine fault from the bug zoo (runners/engine/faults.py) and watch parity find it.")
+@click.option("--ckpt", metavar="DIR", default=None,
+              help=f"Checkpoint (default: {DEFAULT_CKPT}, else the tiny preset synthesized with seed 0).")
+@click.option("--questions", "-n", type=int, default=3, show_default=True, help="GSM8K questions (0-shot).")
+@click.option("--decode-steps", type=int, default=4, show_default=True, help="Decode forwards after the prefill.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8"]), default="fp32", show_default=True)
+@click.option("--data", metavar="FILE", default=None,
+              help="GSM8K test jsonl (default: ../shared/data/gsm8k/test.jsonl; built-in questions when missing).")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+def demo(out, force, fault, ckpt, questions, decode_steps, precision, data, no_progress):
+    """Run engine and reference side by side on a few GSM8K questions and check them.
+
+    Prints the ref-vs-target summary, the layer-bisect verdict and the
+    slot-invariance verdict, and writes OUT/summary.md with PNG plots.
+    Exit 0: the engine agrees with the reference; 1: a divergence was found;
+    2: bad input (e.g. an unknown --fault).
+    """
+    if decode_steps < 0:
+        raise ParityError("--decode-steps must be >= 0")
+    res = run_demo(out, ckpt=ckpt, questions=questions, decode_steps=decode_steps, precision=precision,
+                   fault=fault, data=data, force=force, progress=not no_progress)
+    click.echo("\n".join(summary_lines(res)))
+    raise SystemExit(res.exit_code)
