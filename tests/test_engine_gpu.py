@@ -69,6 +69,12 @@ def test_triton_ops_match_torch():
         i0 = torch.randint(-1, N, (T, 40), device="cuda", generator=g)
         i1 = torch.randint(-1, 50, (T, 9), device="cuda", generator=g)
         sinks = torch.randn(H, device="cuda", generator=g)
+        streams = torch.randn(T, 4, 256, device="cuda", generator=g).to(dt)
+        fn = 0.05 * torch.randn(24, 1024, device="cuda", generator=g)
+        hb, hs = 0.3 * torch.randn(24, device="cuda", generator=g), 0.5 + torch.rand(3, device="cuda", generator=g)
+        for x, y in zip(triton_ops.hc_sinkhorn(streams, fn, hb, hs, 20, 1e-6, 1e-6),
+                        torch_ops.hc_sinkhorn(streams, fn, hb, hs, 20, 1e-6, 1e-6)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
         a = triton_ops.sparse_attention(q, [(s0, i0), (s1, i1)], sinks, D**-0.5)
         b = torch_ops.sparse_attention(q, [(s0, i0), (s1, i1)], sinks, D**-0.5)
         assert rel_err(a, b) < (1e-5 if dt == torch.float32 else 1e-2), dt

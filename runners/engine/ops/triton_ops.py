@@ -147,3 +147,55 @@ def sparse_attention(q, sources, sinks, scale):
         IEEE=q.dtype == torch.float32, num_warps=8 if D > 256 else 4,
     )
     return out
+
+
+@triton.jit
+def _hc_sinkhorn_kernel(mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, T, iters, eps,
+                        HC: tl.constexpr, BLOCK_T: tl.constexpr):
+    """pre / post / Sinkhorn-normalised comb for BLOCK_T token rows at once
+    (the torch version launches ~4 kernels per Sinkhorn iteration)."""
+    M = (2 + HC) * HC
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    i = tl.arange(0, HC)
+    s_pre = tl.load(scale_ptr + 0)
+    s_post = tl.load(scale_ptr + 1)
+    s_comb = tl.load(scale_ptr + 2)
+    m2 = rmask[:, None]
+    pre_w = tl.load(mix_ptr + rows[:, None] * M + i[None, :], mask=m2, other=0.0)
+    post_w = tl.load(mix_ptr + rows[:, None] * M + HC + i[None, :], mask=m2, other=0.0)
+    pre = tl.sigmoid(pre_w * s_pre + tl.load(base_ptr + i)[None, :]) + eps
+    post = 2 * tl.sigmoid(post_w * s_post + tl.load(base_ptr + HC + i)[None, :])
+    cell = i[:, None] * HC + i[None, :]  # [HC, HC] offsets
+    m3 = rmask[:, None, None]
+    comb_w = tl.load(mix_ptr + rows[:, None, None] * M + 2 * HC + cell[None, :, :], mask=m3, other=0.0)
+    logits = comb_w * s_comb + tl.load(base_ptr + 2 * HC + cell)[None, :, :]
+    e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
+    comb = e / tl.sum(e, axis=2)[:, :, None] + eps
+    comb = comb / (tl.sum(comb, axis=1)[:, None, :] + eps)
+    for _ in range(iters - 1):
+        comb = comb / (tl.sum(comb, axis=2)[:, :, None] + eps)
+        comb = comb / (tl.sum(comb, axis=1)[:, None, :] + eps)
+    tl.store(pre_ptr + rows[:, None] * HC + i[None, :], pre, mask=m2)
+    tl.store(post_ptr + rows[:, None] * HC + i[None, :], post, mask=m2)
+    tl.store(comb_ptr + rows[:, None, None] * (HC * HC) + cell[None, :, :], comb, mask=m3)
+
+
+@register("hc_sinkhorn", "triton")
+def hc_sinkhorn(streams, fn, base, scale, iters, eps, norm_eps):
+    hc = streams.shape[1]
+    if not streams.is_cuda or hc & (hc - 1):
+        from runners.engine.ops.torch_ops import hc_sinkhorn as ref
+        return ref(streams, fn, base, scale, iters, eps, norm_eps)
+    flat = rmsnorm_unweighted(streams.flatten(start_dim=1).float(), norm_eps)
+    mix = torch.nn.functional.linear(flat, fn.float()).contiguous()
+    T = mix.shape[0]
+    pre = torch.empty(T, hc, device=mix.device, dtype=torch.float32)
+    post = torch.empty_like(pre)
+    comb = torch.empty(T, hc, hc, device=mix.device, dtype=torch.float32)
+    if T:
+        BLOCK_T = 32
+        _hc_sinkhorn_kernel[(triton.cdiv(T, BLOCK_T),)](
+            mix, base.float().contiguous(), scale.float().contiguous(), pre, post, comb, T, iters, eps,
+            HC=hc, BLOCK_T=BLOCK_T)
+    return pre, post, comb
