@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runners.engine.config import CSA, HCA, SLIDING, ModelConfig
+from runners.engine.config import CSA, SLIDING, ModelConfig
 from runners.engine.errors import ParityError
 
 

@@ -168,7 +168,7 @@ class Engine:
 
     def _capture_id(self, request_id: int) -> int:
         req = self.requests.get(request_id)
-        return getattr(req, "seq_index", request_id) if req is not None else request_id
+        return req.seq_index if req is not None and req.seq_index is not None else request_id
 
     # --- convenience ----------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 16, greedy: bool = True, temperature: float = 1.0,

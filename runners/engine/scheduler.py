@@ -31,6 +31,7 @@ class Request:
     finish_reason: str | None = None
     text: str = ""
     generator: torch.Generator | None = None
+    seq_index: int | None = None  # the prompt's index in generate(); capture's seq_id
 
     @property
     def all_ids(self) -> list[int]:
