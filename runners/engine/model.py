@@ -212,7 +212,7 @@ class Attention(nn.Module):
         # K=V carried RoPE into the values: rotate back at the query position.
         out = ops.rope(out, cos_h, -sin_h)
         out = self.o_a_proj(out.reshape(T, self.groups, -1)).flatten(1)
-        return self.o_b_proj(out)
+        return self.o_b_proj(out), None  # (output, attention weights) like the reference; no weights kept
 
 
 class HyperConnection(nn.Module):
@@ -345,7 +345,7 @@ class DecoderLayer(nn.Module):
     def forward(self, streams, ctx: Ctx):
         dtype = streams.dtype
         post, comb, collapsed = self.attn_hc(streams)
-        out = self.self_attn(self.input_layernorm(collapsed), ctx)
+        out, _ = self.self_attn(self.input_layernorm(collapsed), ctx)
         # comb mixes over its first axis: new_k = sum_j comb[j, k] * stream_j
         streams = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
         post, comb, collapsed = self.ffn_hc(streams)
