@@ -15,6 +15,7 @@ soon as their records are done, so the resident set stays near one record.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import re
@@ -25,12 +26,14 @@ import pandas as pd
 import torch
 
 from parity.compare.api import frame
-from parity.compare.align import _cut, as_dump, release, split_key, squeeze_leading, token_ids
+from parity.compare.align import ShardReleaser, _cut, as_dump, split_key, squeeze_leading, token_ids
 from parity.errors import ParityError
 from parity.store.reader import Dump
 from parity.store.schema import Record
 
-_BLOCK = 1 << 18  # float64 work in L2/L3-sized pieces
+# float64 work in pieces of 2^20 elements: few enough ops that a busy machine
+# (threads descheduled at each parallel region) does not multiply the cost.
+_BLOCK = 1 << 20
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 COLUMNS = ["key", "layer", "stage", "phase", "step", "rank", "slot", "seq", "tokens", "frac_equal", "cos",
            "max_abs", "invariant", "reason"]
@@ -91,11 +94,28 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     if bitwise_equal(a, b):
         return {"frac_equal": 1.0, "cos": 1.0 if a.is_floating_point() else None, "max_abs": 0.0,
                 "invariant": True, "reason": ""}
-    m = _diff_metrics(a, b)
+    with _one_thread():
+        m = _diff_metrics(a, b)
     reason = f"bits differ in {1 - m['frac_equal']:.3g} of elements"
     if m.pop("nonfinite"):
         reason += "; NaN/Inf positions differ"
     return {**m, "invariant": False, "reason": reason}
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the float path on one intra-op thread. Its blocks are memory-bound
+    and small; with more threads every op is a parallel region, and on a busy
+    machine each region waits for a descheduled thread: measured 3 s with one
+    thread against 6-16 s with two on the 2-core benchmark under load."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 def _diff_metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -108,42 +128,28 @@ def _diff_metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
     bits = _BITS.get(a.element_size()) if a.dtype != torch.bool else None
     floating = a.is_floating_point()
     n_eq, dot, aa, bb, mx, nonfinite = 0, 0.0, 0.0, 0.0, 0.0, False
+    buf = torch.empty(2, min(n, _BLOCK), dtype=torch.float64)
     for s in range(0, n, _BLOCK):
         ca, cb = fa[s:s + _BLOCK], fb[s:s + _BLOCK]
-        if bits is not None:
-            n_eq += ca.numel() - int(torch.count_nonzero(ca.view(bits) != cb.view(bits)))
-        else:
-            n_eq += int((ca == cb).sum())
-        xa, xb = ca.to(torch.float64), cb.to(torch.float64)
-        if floating:
-            ok = torch.isfinite(xa) & torch.isfinite(xb)
-            if not bool(ok.all()):
-                nonfinite = nonfinite or bool(((~ok) & (ca.view(bits) != cb.view(bits))).any())
-                xa, xb = xa[ok], xb[ok]
-        if xa.numel():
-            dot += float(torch.dot(xa, xb))
-            aa += float(torch.dot(xa, xa))
-            bb += float(torch.dot(xb, xb))
-            mx = max(mx, float((xa - xb).abs_().max()))
+        ne = (ca.view(bits) != cb.view(bits)) if bits is not None else (ca != cb)
+        n_eq += ca.numel() - int(torch.count_nonzero(ne))
+        x = buf[:, :ca.numel()]
+        x[0].copy_(ca)
+        x[1].copy_(cb)
+        if floating and not bool(torch.isfinite(x).all()):
+            ok = torch.isfinite(x[0]) & torch.isfinite(x[1])
+            nonfinite = nonfinite or bool(((~ok) & ne).any())
+            x = x[:, ok]
+        # One Gram product reads both rows once for a.b, a.a and b.b.
+        g = (x @ x.T).tolist()
+        dot, aa, bb = dot + g[0][1], aa + g[0][0], bb + g[1][1]
+        if x.shape[1]:
+            mx = max(mx, float((x[0] - x[1]).abs_().max()))
     cos = None
     if floating:
         cos = 1.0 if aa == 0.0 and bb == 0.0 else (0.0 if aa == 0.0 or bb == 0.0 else
                                                    max(-1.0, min(1.0, dot / math.sqrt(aa * bb))))
     return {"frac_equal": n_eq / n if n else 1.0, "cos": cos, "max_abs": mx, "nonfinite": nonfinite}
-
-
-class _Releaser:
-    """Drops a shard's memory map once its last selected record is done."""
-
-    def __init__(self, dump: Dump, recs):
-        self.dump = dump
-        self.left = Counter((r.rank, r.file) for r in recs)
-
-    def done(self, rec: Record) -> None:
-        k = (rec.rank, rec.file)
-        self.left[k] -= 1
-        if self.left[k] <= 0:
-            release(self.dump, [rec])
 
 
 def _solo_index(batched: Dump, solos: list[Dump]) -> tuple[dict[int, Dump], list[str]]:
@@ -190,7 +196,7 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
     notes: list[str] = []
     solo_of: dict[int, Dump] = {}
     solo_recs: dict[int, dict[tuple, Record]] = {}
-    rel_solo: dict[int, _Releaser] = {}
+    rel_solo: dict[int, ShardReleaser] = {}
     if solos:
         solo_of, notes = _solo_index(bdump, solos)
         for s in solos:
@@ -199,8 +205,8 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
                 if r.kind == "tensor":
                     idx[(r.key, r.phase, r.step, r.call, r.rank)] = r
             solo_recs[id(s)] = idx
-            rel_solo[id(s)] = _Releaser(s, idx.values())
-    rel = _Releaser(bdump, recs)
+            rel_solo[id(s)] = ShardReleaser(s, idx.values())
+    rel = ShardReleaser(bdump, recs)
     rows = []
     unsplit = 0
     for rec in sorted(recs, key=lambda r: (r.rank, r.seq)):
@@ -209,7 +215,7 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
         base = dict(key=rec.key, layer=layer, stage=stage, phase=rec.phase, step=rec.step, rank=rec.rank)
         if cuts[0][0] is None or (same_prompt and len(cuts) < 2):
             unsplit += 1
-            rel.done(rec)
+            rel.done([rec])
             continue
         t = bdump.load(rec)
         piece = lambda c: t[c[1]] if c[1] is not None else (t[c[2][0]:c[2][1]] if c[2] is not None else t)
@@ -249,10 +255,10 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
                         st = solo_dump_piece(s, srec, sc[0])
                         row.update(_compare(a, st))
                         del st
-                    rel_solo[id(s)].done(srec)
+                    rel_solo[id(s)].done([srec])
                 rows.append(row)
         del t, piece
-        rel.done(rec)
+        rel.done([rec])
     if unsplit:
         notes.append(f"{unsplit} record(s) without per-sequence layout were skipped")
     if solos:

@@ -58,7 +58,11 @@ def _compare_view(res, fmt):
     if fmt != "table":
         return t
     cols = [c for c in _TABLE_COLS if c in t and (c != "rank" or t["rank"].map(lambda v: v is not None).any())]
-    return t[cols]
+    t = t[cols].copy()
+    # The full reason is in csv/json and the summary; on a terminal it must
+    # not push the verdict off the right edge.
+    t["reason"] = t["reason"].map(lambda r: r if len(r) <= 40 else r[:39] + "~")
+    return t
 
 
 def _compare_summary(res) -> dict:

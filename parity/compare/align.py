@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -263,6 +263,22 @@ def release(dump: Dump, recs) -> None:
     for rec in recs:
         if rec.file and rec.rank in dump.rank_dirs:
             shards.pop(os.path.join(dump.rank_dirs[rec.rank], rec.file), None)
+
+
+class ShardReleaser:
+    """Drops a shard's memory map once the last of the given record uses is
+    done, so a long comparison keeps about one shard of each dump resident."""
+
+    def __init__(self, dump: Dump, recs):
+        self.dump = dump
+        self.left = Counter((r.rank, r.file) for r in recs)
+
+    def done(self, recs) -> None:
+        for rec in recs:
+            k = (rec.rank, rec.file)
+            self.left[k] -= 1
+            if self.left[k] <= 0:
+                release(self.dump, [rec])
 
 
 def token_ids(dump: Dump) -> list[list[int]] | None:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from parity.compare.align import (Alignment, Pair, Piece, ShapeMismatch, align, as_dump, check_token_ids,
-                                  comparable, cut_dump, release, resolve_mapping, split_key)
+from parity.compare.align import (Alignment, Pair, Piece, ShapeMismatch, ShardReleaser, align, as_dump,
+                                  check_token_ids, comparable, cut_dump, resolve_mapping, split_key)
 from parity.errors import ParityError
 
 COLUMNS = ["key", "layer", "stage", "phase", "step", "seq", "rank", "shape", "dtype", "rel_l2", "cos", "max_abs",
@@ -205,6 +205,8 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
         for p in cut_dump(fd, mapping, keep=keep).pieces:
             floor_idx.setdefault(p.match, []).append(p)
     rows = []
+    rel_r = ShardReleaser(rd, [r for p in al.pairs for r in p.ref.recs])
+    rel_t = ShardReleaser(td, [r for p in al.pairs for r in p.target.recs])
     for pair in al.pairs:
         fp = None
         if fd is not None:
@@ -212,6 +214,8 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
             fp = next((c for c in cands if c.rank == pair.ref.rank), None) or next(
                 (c for c in cands if c.rank is None), None)
         rows.append(_row(pair, rd, td, fp, fd, m, atol))
+        rel_r.done(pair.ref.recs)
+        rel_t.done(pair.target.recs)
     cols = COLUMNS + (["err_target_floor", "err_ref_floor"] if fd is not None else [])
     table = frame(rows, cols)
     dec = None
