@@ -50,11 +50,11 @@ def _slot_fault(layer=2, slot=1, size=1e-2):
 
         def hook(module, args, out):
             meta = engine.last_meta
-            out = out.clone()
+            x = (out[0] if isinstance(out, tuple) else out).clone()
             for i, s in enumerate(meta.slots):
                 if s == slot:
-                    out[meta.cu_seqlens[i]:meta.cu_seqlens[i + 1]] += size * out.abs().mean()
-            return out
+                    x[meta.cu_seqlens[i]:meta.cu_seqlens[i + 1]] += size * x.abs().mean()
+            return (x, *out[1:]) if isinstance(out, tuple) else x
 
         # prepend: the capture hook then records the wrong output, as it would a real bug's.
         attn.register_forward_hook(hook, prepend=True)
