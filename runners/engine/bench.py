@@ -3,8 +3,8 @@
     python -m runners.engine.bench --preset tiny --prompts 3 --prompt-len 64 --new 8 [--compare]
     python -m runners.engine.bench --ckpt DIR --precision bf16 --device cuda
 
---compare runs transformers' model on each prompt alone (same precision,
-teacher-forced with the engine's tokens) and prints the worst relative L2
+--compare runs transformers' model on each prompt alone (same precision;
+fp8 under reference_models.quant_sim; teacher-forced with the engine's tokens) and prints the worst relative L2
 error per decoder layer and of the logits, over the prefill and every decode.
 """
 
@@ -89,7 +89,14 @@ def main(argv=None) -> int:
 
         from reference_models.load import load_reference
 
+        import contextlib
+
+        from reference_models.quant_sim import quant_sim
+
         ref = load_reference(ckpt, args.precision if args.precision != "fp8" else "bf16", args.device)
+        # fp8: the reference under the same FP8/FP4 quantization simulation
+        sim = (lambda: quant_sim(ref, weights=True, activations=True)) if args.precision == "fp8" \
+            else contextlib.nullcontext
         worst = {n: 0.0 for n in names + ["logits"]}
         same_tokens = True
         for b, (p, toks) in enumerate(zip(prompts, tokens)):
@@ -98,7 +105,7 @@ def main(argv=None) -> int:
                 lambda m, a, o, n=n: out[n].append(o[0].float())) for n in names]
             cache = DynamicCache(config=ref.config)
             ref_logits = []
-            with torch.no_grad():
+            with torch.no_grad(), sim():
                 ids = torch.tensor([p], device=args.device)
                 for step in range(len(toks)):
                     r = ref(input_ids=ids, past_key_values=cache, use_cache=True)
