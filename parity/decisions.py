@@ -80,10 +80,22 @@ class DecisionResult:
         return 1 if (self.table["frac_tokens_differ"].fillna(0) > 0).any() else 0
 
 
+def pad_width(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index rows of two widths padded with -1 to the wider one: the sets
+    are what matter, and one side may keep only valid entries
+    (``[T, 2]``) where the other pads to ``index_topk`` (``[T, 8]``)."""
+    a, b = _rows(a), _rows(b)
+    w = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t.to(torch.int64), (0, w - t.shape[1]), value=-1) if t.shape[1] < w else t
+    return pad(a), pad(b)
+
+
 def ids_row(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Row metrics for one aligned pair of index taps (target a, reference b)."""
-    if _rows(a).shape != _rows(b).shape:
-        return {"error": f"shape {list(a.shape)} vs reference {list(b.shape)}"}
+    if _rows(a).shape[0] != _rows(b).shape[0]:
+        return {"error": f"shape mismatch: target {list(a.shape)} vs reference {list(b.shape)} "
+                         f"({_rows(a).shape[0]} vs {_rows(b).shape[0]} token rows)"}
+    a, b = pad_width(a, b)
     ov = set_overlap(a, b)
     n = ov.numel()
     differ = int((ov < 1.0).sum())

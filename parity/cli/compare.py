@@ -127,7 +127,7 @@ def layer_bisect_cmd(ref, target, map_file, preset, floor, m, atol, fmt, out, fi
     if res.layer is not None:
         summary.update(layer=res.layer, stage=res.stage, key=res.key)
     if res.entries[1:]:
-        summary["also_enters_at"] = res.entries[1:]
+        summary["also_enters_at"] = ", ".join(map(str, res.entries[1:]))
     if fmt == "json":
         summary["stages"] = res.stages.to_dict(orient="records")
         text = render(res.curve, fmt, summary=summary)

@@ -74,9 +74,30 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _ids_row(row: dict, a: torch.Tensor, b: torch.Tensor) -> dict:
+    """A decision tap, judged on sets per token. A flipped decision warns and
+    never fails by itself: a near-tie flips under any rounding. The tensors
+    downstream say whether it mattered, and carry a note pointing back here."""
+    from parity.decisions import ids_row
+
+    d = ids_row(a, b)
+    row["shape"], row["dtype"] = list(b.shape), _dtype_name(b)
+    if "error" in d:
+        row["reason"] = d["error"]
+        return row
+    frac = d["differ"] / d["tokens"] if d["tokens"] else 0.0
+    row["frac_equal"] = 1.0 - frac
+    row["verdict"] = "pass" if frac == 0 else "warn"
+    row["reason"] = "same sets" if frac == 0 else (
+        f"decision differs for {frac:.1%} of tokens (mean set overlap {d['overlap_sum'] / d['tokens']:.3f})")
+    if a.shape[-1] != b.shape[-1]:
+        row["reason"] += f"; widths {a.shape[-1]} vs {b.shape[-1]} compared as sets (-1 = none)"
+    return row
+
+
 def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol) -> dict:
     from parity.compare.verdict import floor_verdict, verdict_for
-    from parity.decisions import decision_kind, ids_row
+    from parity.decisions import decision_kind
 
     r, t = pair.ref, pair.target
     layer, stage = split_key(r.key, t.rec.layer if t.rec.layer is not None else r.rec.layer)
@@ -84,8 +105,12 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol) -> dict:
            "rank": pair.rank, "shape": None, "dtype": None, "rel_l2": None, "cos": None, "max_abs": None,
            "frac_equal": None, "verdict": "fail", "reason": ""}
     notes = [n for n in (pair.note,) if n]
+    kind = decision_kind(r.key)
     try:
-        a, b, how = comparable(_load(t, tdump), _load(r, rdump))
+        a, b = _load(t, tdump), _load(r, rdump)
+        if kind in ("ids", "topk") and not a.is_floating_point() and not b.is_floating_point():
+            return _ids_row(row, a, b)
+        a, b, how = comparable(a, b)
     except ShapeMismatch as exc:
         row["reason"] = str(exc)
         return row
@@ -93,21 +118,6 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol) -> dict:
         notes.append(how)
     row["shape"] = list(b.shape)
     row["dtype"] = _dtype_name(a) if a.dtype == b.dtype else f"{_dtype_name(a)}/{_dtype_name(b)}"
-    kind = decision_kind(r.key)
-    if kind in ("ids", "topk") and not a.is_floating_point() and not b.is_floating_point():
-        # A flipped decision warns and never fails by itself: a near-tie flips
-        # under any rounding. The tensors downstream say whether it mattered,
-        # and carry a note pointing back here.
-        d = ids_row(a, b)
-        if "error" in d:
-            row["reason"] = d["error"]
-            return row
-        frac = d["differ"] / d["tokens"] if d["tokens"] else 0.0
-        row["frac_equal"] = 1.0 - frac
-        row["verdict"] = "pass" if frac == 0 else "warn"
-        row["reason"] = "same sets" if frac == 0 else (
-            f"decision differs for {frac:.1%} of tokens (mean set overlap {d['overlap_sum'] / d['tokens']:.3f})")
-        return row
     m = _metrics(a, b)
     row.update(rel_l2=m.get("rel_l2"), cos=m.get("cos"), max_abs=m.get("max_abs"), frac_equal=m.get("frac_equal"))
     v = verdict_for(m)
