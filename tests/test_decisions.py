@@ -67,3 +67,14 @@ def test_cli(flip, tmp_path):
     assert (tmp_path / "decisions_by_layer.png").exists()
     r = CliRunner().invoke(cli, ["topk", "--ref", flip[0], "--target", flip[0]])
     assert r.exit_code == 0
+
+
+def test_rows_of_different_widths_compare_as_sets():
+    from parity.decisions import ids_row
+
+    # The engine keeps the valid entries only; the reference pads to index_topk with -1.
+    eng = torch.tensor([[-1, -1], [0, -1], [2, 1]])
+    ref = torch.tensor([[-1, -1, -1, -1], [0, -1, -1, -1], [1, 2, -1, -1]])
+    assert ids_row(eng, ref)["differ"] == 0
+    assert ids_row(torch.tensor([[3, 1]]), ref[2:])["differ"] == 1
+    assert "error" in ids_row(eng[:2], ref)
