@@ -19,7 +19,7 @@ import contextlib
 import ctypes
 import math
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pandas as pd
