@@ -265,7 +265,11 @@ _ENGINE_STAGE = {"target": "engine: all prompts (target)", "ref": "reference, fo
 
 def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, precision: str = "fp32",
              fault: str | None = None, data: str | None = None, force: bool = False, progress: bool = True,
-             patch_engine=None) -> DemoResult:
+             floor: bool | None = None, patch_engine=None) -> DemoResult:
+    """Everything ``parity demo`` does; returns what it found. ``floor``:
+    judge against an fp64 reference run (default: for bf16 and fp8, whose
+    fixed thresholds are those of the fp32 tensors the model keeps, e.g. the
+    hyper-connections, which inherit the bf16 error of their inputs)."""
     import torch
 
     from parity.bisect import layer_bisect
@@ -281,8 +285,11 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
     ckpt = resolve_checkpoint(ckpt, say)
     sbs = _outside("runners.side_by_side")
 
+    if floor is None:
+        floor = precision != "fp32"
     distinct = len(prompts)
-    stages = (["engine: all prompts (target)", "reference, forced on engine tokens", "engine: batched run"]
+    stages = (["engine: all prompts (target)", "reference, forced on engine tokens"]
+              + (["reference in fp64 (floor)"] if floor else []) + ["engine: batched run"]
               + [f"engine: prompt {i} alone" for i in range(distinct)]
               + ["ref-vs-target", "layer-bisect", "slot-invariance", "plots and report"])
     bar = _Progress(stages, progress)
@@ -295,12 +302,12 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
     try:
         side = sbs.run_side_by_side(
             ckpt, prompts, out / "dumps", precision=precision, decode_steps=decode_steps, fault=fault,
-            force=True, patch_engine=patch_engine,
+            floor=floor, force=True, patch_engine=patch_engine,
             on_stage=lambda s: bar.stage(_ENGINE_STAGE.get(s, f"engine: prompt {s[5:]} alone")))
         timings.update(side.timings)
         t = time.perf_counter()
         bar.stage("ref-vs-target")
-        cmp = compare_dumps(side.ref, side.target, preset=PRESET)
+        cmp = compare_dumps(side.ref, side.target, preset=PRESET, floor=side.floor)
         timings["ref-vs-target"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         bar.stage("layer-bisect")
@@ -352,7 +359,8 @@ def summary_lines(res: DemoResult) -> list[str]:
     return [
         f"checkpoint:      {idx['checkpoint']}",
         f"prompts:         {res.source}; {idx['precision']}; {idx['decode_steps']} decode steps; fault: {fault}",
-        f"ref-vs-target:   {'FAIL' if res.compare.failed else 'pass'}: {_compare_line(res.compare)}",
+        f"ref-vs-target:   {'FAIL' if res.compare.failed else 'pass'}: {_compare_line(res.compare)}"
+        + (" (noise floor: fp64 reference)" if res.compare.floor else ""),
         f"layer-bisect:    {res.bisect.message}",
         f"slot-invariance: {res.slot.status.upper()}: {res.slot.message}",
         f"verdict:         {verdict} (exit {res.exit_code})",
@@ -374,6 +382,7 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
     res.slots.table.to_csv(out / "slots.csv", index=False)
     d = "dumps"
     solos = " ".join(f"--solo {d}/{p}" for p in idx["dumps"]["solo"])
+    floor_opt = f" --floor {d}/floor" if cmp.floor else ""
     lines = ["# parity demo", "", "```", *summary_lines(res), "```", ""]
     lines += ["## What ran", "",
               f"The engine (`runners/engine`, {precision}) and the transformers reference read the same token "
@@ -400,14 +409,14 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
                                                            "reason"]), ""]
     lines += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in res.plots] + [""]
     lines += ["## Re-run by hand", "", "From this folder:", "", "```bash",
-              f"parity ref-vs-target --ref {d}/ref --target {d}/target --preset {PRESET}",
-              f"parity layer-bisect --ref {d}/ref --target {d}/target --preset {PRESET}",
+              f"parity ref-vs-target --ref {d}/ref --target {d}/target --preset {PRESET}{floor_opt}",
+              f"parity layer-bisect --ref {d}/ref --target {d}/target --preset {PRESET}{floor_opt}",
               f"parity slot-invariance --dir {d}/batched {solos} --filter '{idx['slot_filter']}'",
               "```", "", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()), ""]
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")
     summary = {
         "diverged": res.diverged, "exit_code": res.exit_code, "checkpoint": idx["checkpoint"], "source": res.source,
-        "precision": precision, "decode_steps": decode_steps, "fault": fault,
+        "precision": precision, "decode_steps": decode_steps, "fault": fault, "noise_floor": cmp.floor,
         "ref_vs_target": cmp.summary(),
         "layer_bisect": {"layer": bis.layer, "stage": bis.stage, "key": bis.key, "message": bis.message,
                          "entries": bis.entries},
@@ -431,10 +440,12 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
 @click.option("--questions", "-n", type=int, default=3, show_default=True, help="GSM8K questions (0-shot).")
 @click.option("--decode-steps", type=int, default=4, show_default=True, help="Decode forwards after the prefill.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8"]), default="fp32", show_default=True)
+@click.option("--floor/--no-floor", default=None,
+              help="Judge against an fp64 reference run (noise floor). Default: on for bf16 and fp8.")
 @click.option("--data", metavar="FILE", default=None,
               help="GSM8K test jsonl (default: ../shared/data/gsm8k/test.jsonl; built-in questions when missing).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-def demo(out, force, fault, ckpt, questions, decode_steps, precision, data, no_progress):
+def demo(out, force, fault, ckpt, questions, decode_steps, precision, floor, data, no_progress):
     """Run engine and reference side by side on a few GSM8K questions and check them.
 
     Prints the ref-vs-target summary, the layer-bisect verdict and the
@@ -445,6 +456,6 @@ def demo(out, force, fault, ckpt, questions, decode_steps, precision, data, no_p
     if decode_steps < 0:
         raise ParityError("--decode-steps must be >= 0")
     res = run_demo(out, ckpt=ckpt, questions=questions, decode_steps=decode_steps, precision=precision,
-                   fault=fault, data=data, force=force, progress=not no_progress)
+                   fault=fault, data=data, force=force, progress=not no_progress, floor=floor)
     click.echo("\n".join(summary_lines(res)))
     raise SystemExit(res.exit_code)
