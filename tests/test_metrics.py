@@ -86,6 +86,25 @@ def test_bf16_pair_bits_and_ulps_match_brute_force():
     assert ulps[:10] == [0] * 10 and bits_equal < 4000 - 10 + 1
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32])
+def test_ulps_with_large_sign_flips_in_some_blocks(dt):
+    # Blocks whose opposite-sign pairs are all small take a narrow integer
+    # path; flips of large values (|o_a| + |o_b| past the integer range)
+    # must take the wide one. Both must agree with brute force.
+    g = torch.Generator().manual_seed(6)
+    b = 4 * torch.randn(3000, generator=g)
+    a = b + 0.01 * torch.randn(3000, generator=g)
+    a[1234] = -b[1234] if abs(b[1234]) > 2 else -3.0
+    a[2999] = -60000.0 if dt is torch.float16 else -1e30
+    b[2999] = 60000.0 if dt is torch.float16 else 1e30
+    a, b = a.to(dt), b.to(dt)
+    ulps = _py_ulp(a, b, dt)
+    for chunk in (500, 1 << 22):
+        m = pair_metrics(a, b, chunk_elems=chunk)
+        assert m["max_ulp"] == max(ulps)
+        assert m["frac_ulp_gt1"] == pytest.approx(sum(u > 1 for u in ulps) / 3000)
+
+
 def test_mixed_dtypes_round_to_less_precise_and_compare_values():
     b = torch.tensor([1.0, 1.0 + 2 ** -8, 3.0, -2.0], dtype=torch.float32)
     a = b.bfloat16()                                        # 1+2^-8 rounds to 1.0 (ties to even)
@@ -224,3 +243,21 @@ def test_summary_stats():
                                                     "l2": 0.0, "nan": 4, "inf": 0}
     assert summary_stats(torch.empty(0))["l2"] == 0.0
     assert summary_stats(torch.tensor([[1, -4], [2, 3]]).t())["absmax"] == 4.0
+
+
+def test_block_workers_are_deterministic_and_leave_torch_threads_alone():
+    g = torch.Generator().manual_seed(7)
+    n = 3 * (1 << 18) + 11                                    # four blocks, the last one short
+    b = torch.randn(n, generator=g).bfloat16()
+    a = (b.float() + 0.02 * torch.randn(n, generator=g)).bfloat16()
+    before = torch.get_num_threads()
+    runs = [pair_metrics(a, b, threads=t) for t in (1, 2, 3, 2)]
+    assert torch.get_num_threads() == before
+    assert runs[1] == runs[2] == runs[3]                      # merged in block order
+    for k in ("cos", "rel_l2", "mean_abs"):
+        assert runs[0][k] == pytest.approx(runs[1][k], rel=1e-13)
+    for k in ("max_abs", "max_abs_index", "frac_equal", "max_ulp", "frac_ulp_gt1", "ref_absmax"):
+        assert runs[0][k] == runs[1][k], k
+    r = _ref(a, b)
+    assert runs[1]["rel_l2"] == pytest.approx(r["rel_l2"], rel=1e-12)
+    assert runs[1]["max_abs_index"] == (r["max_abs_flat"],)

@@ -9,6 +9,7 @@ reasons behind them: docs/metrics.md.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -134,9 +135,9 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = N
 # ---------------------------------------------------------------- pair metrics
 
 class _UlpStats:
-    """Max ULP distance and count of distances > 1, block by block, in
-    preallocated integer buffers (the ULP passes cost as much as all the
-    float64 work together, so no allocation per block)."""
+    """ULP distances of one block in preallocated integer buffers: the ULP
+    passes cost about as much as the float work, so no allocation and no
+    mixed-dtype op per block."""
 
     def __init__(self, dtype: torch.dtype, blk: int, device):
         self.dtype = dtype
@@ -146,202 +147,241 @@ class _UlpStats:
         if self.wide is not None:
             self.sign = torch.empty(2, blk, dtype=self.it, device=device)
             self.ord = torch.empty(2, blk, dtype=self.it, device=device)
+            self.ord_w = torch.empty(2, blk, dtype=self.wide, device=device)
             self.diff = torch.empty(blk, dtype=self.wide, device=device)
-        self.max = self.gt1 = 0
 
-    def update(self, ca: torch.Tensor, cb: torch.Tensor, bad):
+    def __call__(self, st: "_Stats", ca, cb, bad, want_ref_absmax: bool, narrow: bool):
+        """narrow: every opposite-sign pair is below 1.0 in magnitude (known
+        from max |a - b| < 1, since |a - b| = |a| + |b| across zero); then
+        |o_a| + |o_b| < 2^(bits-1) and the distance fits the bits' own
+        integer type, which saves the widening passes."""
         ra, rb = _round_to(ca, self.dtype), _round_to(cb, self.dtype)
         if self.wide is None:
             dist = _ulp_block(ra, rb)
         else:
             m = ra.numel()
             ia, ib = ra.view(self.it), rb.view(self.it)
-            s, o, dist = self.sign[:, :m], self.ord[:, :m], self.diff[:m]
-            # _ordered() for both rows, in place.
+            s, o, ow, dist = self.sign[:, :m], self.ord[:, :m], self.ord_w[:, :m], self.diff[:m]
+            # _ordered() on both rows, in place.
             torch.bitwise_right_shift(ia, self.nbits - 1, out=s[0])
             torch.bitwise_right_shift(ib, self.nbits - 1, out=s[1])
             torch.bitwise_and(s, (1 << (self.nbits - 1)) - 1, out=o)
             o[0].bitwise_xor_(ia)
             o[1].bitwise_xor_(ib)
             o.sub_(s)
-            dist.copy_(o[0])
-            dist.sub_(o[1])
-            dist.abs_()
+            if want_ref_absmax:
+                # The order of the integers is the order of |b|: max |b| for
+                # the price of an int16 pass instead of a float one.
+                lo, hi = torch.aminmax(o[1])
+                mag = max(-int(lo), int(hi))
+                st.ref_absmax = torch.tensor([mag], dtype=self.it).view(self.dtype).item()
+            if narrow:
+                dist = torch.sub(o[0], o[1], out=s[0])
+            else:
+                ow.copy_(o)
+                torch.sub(ow[0], ow[1], out=dist)
         if bad is not None:
             dist.masked_fill_(bad, 0)
-        self.max = max(self.max, int(dist.max()))
-        self.gt1 += int(torch.count_nonzero(dist >> 1))
+        lo, hi = torch.aminmax(dist)
+        st.max_ulp = max(-int(lo), int(hi))
+        dist.abs_()
+        dist.bitwise_right_shift_(1)
+        st.ulp_gt1 = int(torch.count_nonzero(dist))
 
 
-class _FloatPair:
-    """Running float64 sums over blocks; at least one side is floating point."""
+class _Stats:
+    """Partial results of one block; merged in block order at the end so the
+    float64 sums do not depend on thread scheduling."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, blk: int):
-        dev = a.device
-        both_float = a.is_floating_point() and b.is_floating_point()
-        self.ulp = _UlpStats(less_precise(a.dtype, b.dtype), blk, dev) if both_float else None
+    __slots__ = ("A", "B", "D", "L1", "n_cmp", "n_equal", "max_abs", "max_at", "ref_absmax",
+                 "nan_a", "nan_b", "inf_a", "inf_b", "mismatch", "max_ulp", "ulp_gt1")
+
+    def __init__(self):
+        for k in self.__slots__:
+            setattr(self, k, 0)
+        self.max_at = None
+
+
+class _FloatKernel:
+    """Metrics of one block; at least one side is floating point. One kernel
+    per worker thread: it owns its buffers."""
+
+    def __init__(self, da: torch.dtype, db: torch.dtype, blk: int, device):
+        both_float = da.is_floating_point and db.is_floating_point
+        self.ulp = _UlpStats(less_precise(da, db), blk, device) if both_float else None
+        self.ulp_absmax = self.ulp is not None and self.ulp.wide is not None and db == self.ulp.dtype
         # Bitwise equality only means something between identical dtypes.
-        self.bits = _INT_OF_WIDTH[a.element_size()] if a.dtype == b.dtype else None
+        self.bits = _INT_OF_WIDTH[torch.finfo(da).bits // 8] if da == db and both_float else None
         if self.bits is not None:
-            self.bitdiff = torch.empty(blk, dtype=self.bits, device=dev)
-        self.buf = torch.empty(3, blk, dtype=torch.float64, device=dev)
-        self.A = self.B = self.D = self.L1 = 0.0
-        self.max_abs, self.max_at, self.ref_absmax = 0.0, None, 0.0
-        self.n_cmp = self.n_equal = 0
-        self.nan_a = self.nan_b = self.inf_a = self.inf_b = self.nonfinite_mismatch = 0
+            self.bitdiff = torch.empty(blk, dtype=self.bits, device=device)
+        self.f64 = torch.empty(3, blk, dtype=torch.float64, device=device)
+        self.best = 0.0     # running max |a-b| of this worker: argmax only on a new max
 
-    def _dots(self, xa, xb, d):
+    def _sums(self, xa, xb, d):
         torch.sub(xa, xb, out=d)
-        return torch.dot(xa, xa).item(), torch.dot(xb, xb).item(), torch.dot(d, d).item()
+        return [torch.dot(xa, xa).item(), torch.dot(xb, xb).item(), torch.dot(d, d).item()]
 
-    def _nonfinite(self, xa, xb):
+    def _nonfinite(self, st, xa, xb):
         m = xa.numel()
         fa, fb = torch.isfinite(xa), torch.isfinite(xb)
         na, nb = torch.isnan(xa), torch.isnan(xb)
-        nan_a, nan_b = int(na.sum()), int(nb.sum())
-        self.nan_a += nan_a
-        self.nan_b += nan_b
-        self.inf_a += m - int(fa.sum()) - nan_a
-        self.inf_b += m - int(fb.sum()) - nan_b
+        st.nan_a, st.nan_b = int(na.sum()), int(nb.sum())
+        st.inf_a = m - int(fa.sum()) - st.nan_a
+        st.inf_b = m - int(fb.sum()) - st.nan_b
         bad = ~(fa & fb)
         # Same non-finite value on both sides (NaN/NaN, +inf/+inf) agrees;
         # anything else at a non-finite position is a mismatch.
         same = (na & nb) | (bad & (xa == xb))
         n_bad, n_same = int(bad.sum()), int(same.sum())
-        self.nonfinite_mismatch += n_bad - n_same
+        st.mismatch = n_bad - n_same
         return bad, n_bad, n_same
 
-    def _ref_absmax(self, xb):
-        lo, hi = torch.aminmax(xb)
-        self.ref_absmax = max(self.ref_absmax, -lo.item(), hi.item())
-
-    def _identical(self, m, cb) -> bool:
-        # Bit-identical block (common when an engine reproduces the
-        # reference exactly): one copy and one dot instead of the full pass.
-        xb = self.buf[1, :m]
-        xb.copy_(cb)
-        B = torch.dot(xb, xb).item()
-        if not math.isfinite(B):
-            return False
-        self.A += B
-        self.B += B
-        self.n_cmp += m
-        self.n_equal += m
-        self._ref_absmax(xb)
-        return True
-
-    def update(self, start: int, ca: torch.Tensor, cb: torch.Tensor):
-        m = ca.numel()
+    def __call__(self, start: int, ca: torch.Tensor, cb: torch.Tensor) -> _Stats:
+        st, m = _Stats(), ca.numel()
         if self.bits is not None:
             # Wrapping integer difference is zero exactly when the bits match.
             bd = torch.sub(ca.view(self.bits), cb.view(self.bits), out=self.bitdiff[:m])
-            n_eq = m - int(torch.count_nonzero(bd))
-            if n_eq == m and self._identical(m, cb):
-                return
-        xa, xb, d = self.buf[0, :m], self.buf[1, :m], self.buf[2, :m]
+            st.n_equal = m - int(torch.count_nonzero(bd))
+        xa, xb, d = self.f64[0, :m], self.f64[1, :m], self.f64[2, :m]
         xa.copy_(ca)
         xb.copy_(cb)
-        A, B, D = self._dots(xa, xb, d)
+        sums = self._sums(xa, xb, d)
         bad, n_bad, n_same = None, 0, 0
         # Finite sums of squares prove every element finite: the common case
         # skips six mask passes.
-        if not math.isfinite(A + B + D):
-            bad, n_bad, n_same = self._nonfinite(xa, xb)
+        if not math.isfinite(sum(sums)):
+            bad, n_bad, n_same = self._nonfinite(st, xa, xb)
             if n_bad:
                 xa.masked_fill_(bad, 0.0)
                 xb.masked_fill_(bad, 0.0)
-                A, B, D = self._dots(xa, xb, d)
+                sums = self._sums(xa, xb, d)
             else:
                 bad = None
-        self.A += A
-        self.B += B
-        self.D += D
-        self.n_cmp += m - n_bad
+        st.A, st.B, st.D = sums
+        st.n_cmp = m - n_bad
         if self.bits is None:
-            n_eq = m - int(torch.count_nonzero(d)) - n_bad + n_same
-        self.n_equal += n_eq
+            st.n_equal = m - int(torch.count_nonzero(d)) - n_bad + n_same
 
-        lo, hi = torch.aminmax(d)
-        cmax = max(-lo.item(), hi.item())
-        d.abs_()
-        self.L1 += d.sum().item()
-        if cmax > self.max_abs:
-            self.max_abs, self.max_at = cmax, start + int(torch.argmax(d))
-        self._ref_absmax(xb)
-        if self.ulp is not None:
-            self.ulp.update(ca, cb, bad)
-
-    def result(self) -> dict:
-        A, B, D = self.A, self.B, self.D
-        if B == 0.0:
-            # B == 0 and D == 0 force A == 0: both sides are zero and agree.
-            cos, rel, sqnr = (1.0, 0.0, math.inf) if D == 0.0 else (0.0, math.inf, -math.inf)
-        else:
-            rel = math.sqrt(D / B)
-            sqnr = math.inf if D == 0.0 else 10.0 * math.log10(B / D)
-            # a.b from the three sums already taken: saves a fourth pass.
-            ab = 0.5 * (A + B - D)
-            cos = 0.0 if A == 0.0 else max(-1.0, min(1.0, ab / math.sqrt(A * B)))
-        n, u = self.n_cmp, self.ulp
-        return {
-            "cos": cos,
-            "rel_l2": rel,
-            "sqnr_db": sqnr,
-            "max_abs": self.max_abs,
-            "max_abs_index": self.max_at,
-            "mean_abs": self.L1 / n if n else 0.0,
-            "ref_absmax": self.ref_absmax,
-            "n_equal": self.n_equal,
-            "max_ulp": u.max if u else None,
-            "frac_ulp_gt1": (u.gt1 / n if n else 0.0) if u else None,
-            "ulp_dtype": _name(u.dtype) if u else None,
-            "nan_a": self.nan_a,
-            "nan_b": self.nan_b,
-            "inf_a": self.inf_a,
-            "inf_b": self.inf_b,
-            "nonfinite_mismatch": self.nonfinite_mismatch,
-            "n_compared": n,
-        }
+        # A bit-identical block (an engine that reproduces the reference
+        # exactly) has no difference and no ULPs to look at.
+        identical = self.bits is not None and st.n_equal == m
+        ulp_absmax = self.ulp_absmax and bad is None and not identical
+        if not identical:
+            lo, hi = torch.aminmax(d)
+            st.max_abs = max(-lo.item(), hi.item())
+            d.abs_()
+            st.L1 = d.sum().item()
+            if st.max_abs > 0.0 and st.max_abs >= self.best:
+                self.best, st.max_at = st.max_abs, start + int(torch.argmax(d))
+            if self.ulp is not None:
+                self.ulp(st, ca, cb, bad, ulp_absmax, narrow=st.max_abs < 1.0)
+        if not ulp_absmax:
+            lo, hi = torch.aminmax(xb)
+            st.ref_absmax = max(-lo.item(), hi.item())
+        return st
 
 
-class _IntPair:
+class _IntKernel:
     """Integer tensors (top-k ids, masks): exact equality and distances."""
 
-    def __init__(self, a, b, blk):
-        self.L1 = 0
-        self.max_abs, self.max_at, self.ref_absmax = 0, None, 0
-        self.n = self.n_equal = 0
+    def __init__(self, *_):
+        self.best = 0
 
-    def update(self, start, ca, cb):
+    def __call__(self, start, ca, cb) -> _Stats:
+        st = _Stats()
         xa, xb = ca.to(torch.int64), cb.to(torch.int64)
         d = (xa - xb).abs_()
-        self.n += d.numel()
-        self.n_equal += d.numel() - int(torch.count_nonzero(d))
-        cmax = int(d.max())
-        if cmax > self.max_abs:
-            self.max_abs, self.max_at = cmax, start + int(torch.argmax(d))
-        self.L1 += int(d.sum())
-        self.ref_absmax = max(self.ref_absmax, int(xb.abs().max()))
-
-    def result(self) -> dict:
-        return {
-            "cos": None, "rel_l2": None, "sqnr_db": None,
-            "max_abs": float(self.max_abs),
-            "max_abs_index": self.max_at,
-            "mean_abs": self.L1 / self.n if self.n else 0.0,
-            "ref_absmax": float(self.ref_absmax),
-            "n_equal": self.n_equal,
-            "max_ulp": None, "frac_ulp_gt1": None, "ulp_dtype": None,
-            "nan_a": 0, "nan_b": 0, "inf_a": 0, "inf_b": 0, "nonfinite_mismatch": 0,
-            "n_compared": self.n,
-        }
+        st.n_cmp = d.numel()
+        st.n_equal = d.numel() - int(torch.count_nonzero(d))
+        st.max_abs = int(d.max())
+        if st.max_abs and st.max_abs >= self.best:
+            self.best, st.max_at = st.max_abs, start + int(torch.argmax(d))
+        st.L1 = int(d.sum())
+        st.ref_absmax = int(xb.abs().max())
+        return st
 
 
-def pair_metrics(a: torch.Tensor, b: torch.Tensor, *, chunk_elems: int = 1 << 22) -> dict:
+def _run(make_kernel, blocks, n_blocks: int, threads: int) -> list:
+    """Apply a kernel to every block, on `threads` workers that each run
+    single-threaded torch ops on whole blocks. Splitting every small op over
+    OpenMP threads instead costs a barrier per op, and on a loaded machine a
+    preempted thread stalls them all (measured: 10x slower on 2 busy cores)."""
+    if threads <= 1 or n_blocks <= 1:
+        k = make_kernel()
+        return [k(start, *cs) for start, cs in blocks]
+    it, lock, out, errors = enumerate(blocks), threading.Lock(), {}, []
+    saved = torch.get_num_threads()
+
+    def worker():
+        try:
+            # Per-thread in practice (OpenMP ICV, MKL local); the global
+            # default is restored below.
+            torch.set_num_threads(1)
+            k = make_kernel()
+            while True:
+                with lock:
+                    nxt = next(it, None)
+                if nxt is None or errors:
+                    return
+                i, (start, cs) = nxt
+                out[i] = k(start, *cs)
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(min(threads, n_blocks))]
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        torch.set_num_threads(saved)
+    if errors:
+        raise errors[0]
+    return [out[i] for i in range(len(out))]
+
+
+def _merge(parts: list, floating: bool, numel: int) -> dict:
+    A = sum(p.A for p in parts)
+    B = sum(p.B for p in parts)
+    D = sum(p.D for p in parts)
+    n = sum(p.n_cmp for p in parts)
+    top = max((p for p in parts if p.max_at is not None), key=lambda p: (p.max_abs, -p.max_at), default=None)
+    out = {
+        "max_abs": float(top.max_abs) if top else 0.0,
+        "max_abs_index": top.max_at if top else None,
+        "mean_abs": sum(p.L1 for p in parts) / n if n else 0.0,
+        "ref_absmax": float(max((p.ref_absmax for p in parts), default=0.0)),
+        "frac_equal": sum(p.n_equal for p in parts) / numel if numel else 1.0,
+        "n_compared": n,
+    }
+    if not floating:
+        return out
+    if B == 0.0:
+        # B == 0 and D == 0 force A == 0: both sides are zero and agree.
+        cos, rel, sqnr = (1.0, 0.0, math.inf) if D == 0.0 else (0.0, math.inf, -math.inf)
+    else:
+        rel = math.sqrt(D / B)
+        sqnr = math.inf if D == 0.0 else 10.0 * math.log10(B / D)
+        # a.b from the three sums already taken: saves a fourth pass.
+        ab = 0.5 * (A + B - D)
+        cos = 0.0 if A == 0.0 else max(-1.0, min(1.0, ab / math.sqrt(A * B)))
+    out.update(cos=cos, rel_l2=rel, sqnr_db=sqnr)
+    for k, f in (("nan_a", "nan_a"), ("nan_b", "nan_b"), ("inf_a", "inf_a"), ("inf_b", "inf_b"),
+                 ("nonfinite_mismatch", "mismatch")):
+        out[k] = sum(getattr(p, f) for p in parts)
+    out["max_ulp"] = max((p.max_ulp for p in parts), default=0)
+    out["frac_ulp_gt1"] = sum(p.ulp_gt1 for p in parts) / n if n else 0.0
+    return out
+
+
+def pair_metrics(a: torch.Tensor, b: torch.Tensor, *, chunk_elems: int = 1 << 22,
+                 threads: int | None = None) -> dict:
     """Metrics of target `a` against reference `b` (see docs/metrics.md).
 
     Shapes that differ give ``{"shape_mismatch": True, "shape_a", "shape_b",
-    ...}`` and nothing else: no truncation, the caller decides."""
+    ...}`` and nothing else: no truncation, the caller decides. `threads`
+    defaults to torch.get_num_threads()."""
     a, b = a.detach(), b.detach()
     head = {"dtype_a": _name(a.dtype), "dtype_b": _name(b.dtype)}
     if a.shape != b.shape:
@@ -352,13 +392,23 @@ def pair_metrics(a: torch.Tensor, b: torch.Tensor, *, chunk_elems: int = 1 << 22
     numel = a.numel()
     blk = max(1, min(int(chunk_elems), _BLOCK, numel))
     floating = a.is_floating_point() or b.is_floating_point()
-    acc = (_FloatPair if floating else _IntPair)(a, b, blk)
-    for start, (ca, cb) in _blocks((a, b), chunk_elems):
-        acc.update(start, ca, cb)
-    out = {"shape_mismatch": False, "shape": tuple(a.shape), "numel": numel, **head, **acc.result()}
-    if out["max_abs_index"] is not None:
-        out["max_abs_index"] = _unravel(out["max_abs_index"], a.shape)
-    out["frac_equal"] = out.pop("n_equal") / numel if numel else 1.0
+    kernel = _FloatKernel if floating else _IntKernel
+    n_blocks = -(-numel // blk) if numel else 0
+    threads = torch.get_num_threads() if threads is None else threads
+    parts = _run(lambda: kernel(a.dtype, b.dtype, blk, a.device), _blocks((a, b), chunk_elems),
+                 n_blocks, threads if a.device.type == "cpu" else 1)
+    m = _merge(parts, floating, numel)
+    if m["max_abs_index"] is not None:
+        m["max_abs_index"] = _unravel(m["max_abs_index"], a.shape)
+    both_float = a.is_floating_point() and b.is_floating_point()
+    ulp_dt = _name(less_precise(a.dtype, b.dtype)) if both_float else None
+    base = {"shape_mismatch": False, "shape": tuple(a.shape), "numel": numel, **head,
+            "cos": None, "rel_l2": None, "sqnr_db": None}
+    out = {**base, **m, "ulp_dtype": ulp_dt}
+    if not both_float:
+        out.update(max_ulp=None, frac_ulp_gt1=None)
+    for k in ("nan_a", "nan_b", "inf_a", "inf_b", "nonfinite_mismatch"):
+        out.setdefault(k, 0)
     return out
 
 
