@@ -5,8 +5,8 @@ then ref-vs-target, layer-bisect and slot-invariance on their dumps, and
 writes a report folder (summary.md, summary.json, tables, PNG plots, and the
 dumps themselves so every command can be re-run by hand).
 
-The runners and reference models are imported inside the functions: parity
-itself stays engine-agnostic and imports neither.
+runners/ and reference_models/ are imported by name when the demo runs:
+parity itself stays engine-agnostic and imports neither.
 """
 
 from __future__ import annotations
