@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runners.engine import faults
 from runners.engine.config import CSA, SLIDING, ModelConfig
 from runners.engine.errors import ParityError
 
@@ -124,8 +125,13 @@ class CacheManager:
         if not self.free_slots:
             raise ParityError("no free cache slot; raise max_num_seqs")
         slot = self.free_slots.pop(0)
-        # A reused slot must start empty: the previous owner's rings are wiped.
-        self.cache.reset_slot(slot)
+        if faults.active("compressor_state_leak"):
+            # FAULT compressor_state_leak: the compressor rings get their "no previous block" state the
+            # first time the slot is handed out, never on reuse (metadata reads that state).
+            faults.reset_slot_leaky(self, slot)
+        else:
+            # A reused slot must start empty: the previous owner's rings are wiped.
+            self.cache.reset_slot(slot)
         self.slot_of[seq_id] = slot
         self.blocks_of[seq_id] = []
         return slot

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from runners.engine import metadata
+from runners.engine import faults, metadata
 from runners.engine.cache import CacheManager
 from runners.engine.errors import ParityError
 from runners.engine.precision import activation_dtype
@@ -54,13 +54,16 @@ class Engine:
                  max_model_len: int = 4096, max_num_batched_tokens: int = 4096, prefill_chunk: int | None = None,
                  block_size: int | None = None, num_blocks: int | None = None, strict: bool = True):
         self.ckpt_dir, self.precision, self.device = str(ckpt_dir), precision, torch.device(device)
+        # Read once here, so the hot path pays one set lookup per fault site.
+        faults.load()
+        self.fault = faults.current()
         self.model, self.config, self.load_report = load_model(ckpt_dir, precision, self.device, strict=strict)
         self.cache = CacheManager(self.config, max_num_seqs, max_model_len, dtype=activation_dtype(precision),
                                   device=self.device, block_size=block_size, num_blocks=num_blocks)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefill_chunk)
         self.tokenizer = _load_tokenizer(ckpt_dir)
         self.capture = _install_capture(self.model, {"impl": "engine", "precision": precision,
-                                                     "checkpoint": self.ckpt_dir})
+                                                     "checkpoint": self.ckpt_dir, "fault": self.fault})
         self.requests: dict[int, Request] = {}
         self.decode_step = 0
         self.last_meta: metadata.ForwardMeta | None = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runners.engine import faults
 from runners.engine.cache import ring_len
 from runners.engine.config import CSA, SLIDING, ModelConfig
 
@@ -115,6 +116,12 @@ def build(cfg: ModelConfig, chunks: list[SeqChunk], num_slots: int, block_size: 
     tb = token_seq.unsqueeze(1)
     win_idx = _ring_source(kpos, starts[tb], cu[tb], slots[tb], W, S)
     win_dst, win_src = _ring_writes(starts, ends, cu, slots, W)
+    if faults.active("window_ring_collision"):
+        # FAULT window_ring_collision: a chunk longer than the window goes through a bulk write that takes
+        # the row modulo the whole cache, (slot*W + p) % (S*W), not slot*W + p % W. Its positions past W
+        # land on the next slot's rows; with one slot the wrap is harmless, so solo runs look right.
+        wb = token_seq[win_src]
+        win_dst = torch.where(lens[wb] > W, (slots[wb] * W + positions[win_src]) % (S * W), win_dst)
 
     max_blocks = max(1, max(len(c.blocks) for c in chunks))
     table = torch.full((B, max_blocks), -1, dtype=torch.long)
@@ -143,12 +150,24 @@ def build(cfg: ModelConfig, chunks: list[SeqChunk], num_slots: int, block_size: 
         spos = lo.unsqueeze(1) + torch.arange(L).unsqueeze(0)
         wbb = wb.unsqueeze(1)
         src_idx = _ring_source(spos, starts[wbb], cu[wbb], slots[wbb], R, S)
+        if faults.active("compressor_state_leak"):
+            # FAULT compressor_state_leak: the first CSA window's "previous block" is read from the slot's
+            # compressor ring, which holds the padding only if the slot was reset.
+            src_idx = torch.where(spos < 0, slots[wbb] * R + spos.remainder(R), src_idx)
         ring_dst, ring_src = _ring_writes(starts, ends, cu, slots, R)
 
         E = max(1, int(end_w.max())) if B else 1
         ar = torch.arange(E).unsqueeze(0).expand(B, E)
         bidx = torch.arange(B).unsqueeze(1).expand(B, E)
         entry_idx = torch.where(ar < end_w.unsqueeze(1), pool_row(bidx, ar), torch.full_like(ar, -1))
+        if faults.active("block_table_double_offset"):
+            # FAULT block_table_double_offset: the reader of the flattened block table adds a sequence's
+            # offset (b * max_blocks) to a pointer that already carries it, and nothing bounds the read
+            # (modelled as a wrap). Sequence 0 reads its own blocks, later ones another's.
+            flat = table.reshape(-1)
+            blk = flat[(2 * bidx * max_blocks + (ar * r) // block_size) % flat.numel()]
+            entry_idx = torch.where(ar < end_w.unsqueeze(1), blk * per_block + ar.remainder(per_block),
+                                    torch.full_like(ar, -1))
         limit = (positions + 1) // r
         cm = CompressMeta(
             ratio=r, ring=R, src_idx=src_idx, win_pos=w * r, pool_dst=pool_row(wb, w),

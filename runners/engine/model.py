@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runners.engine import faults
 from runners.engine._tap import tap
 from runners.engine.cache import KVCache, LayerCache
 from runners.engine.config import CSA, SLIDING, ModelConfig
 from runners.engine.metadata import CompressMeta, ForwardMeta
 from runners.engine.ops import ops
 from runners.engine.ops import quant
+from runners.engine.ops.torch_ops import lane_sigmoid, row_linear
 
 
 @dataclass
@@ -75,9 +77,13 @@ class GroupedLinear(nn.Module):
         w = self.weight
         if self.weight_scale_inv is not None:
             w = quant.fp8_weight(w, self.weight_scale_inv, x.dtype)
+            if faults.active("fp8_unscaled_o_a"):
+                # FAULT fp8_unscaled_o_a: this projection is dequantized by hand for its grouped matmul
+                # (not through fp8_linear), and the hand-written cast forgets the 128x128 block scales.
+                w = self.weight.to(x.dtype)
             x = quant.qdq_act(x)
-        w = w.view(self.groups, -1, x.shape[-1]).transpose(1, 2)
-        return torch.bmm(x.transpose(0, 1).to(w.dtype), w).transpose(0, 1)
+        w = w.view(self.groups, -1, x.shape[-1])
+        return torch.stack([row_linear(x[:, g], w[g]) for g in range(self.groups)], dim=1)
 
 
 class WindowCompressor(nn.Module):
@@ -111,6 +117,11 @@ class WindowCompressor(nn.Module):
             missing = (idx < 0).unsqueeze(-1)  # before the sequence start
             kv_rows = kv_rows.masked_fill(missing, 0.0)
             gate_rows = gate_rows.masked_fill(missing, float("-inf"))
+            if faults.active("compressor_softmax_bf16"):
+                # FAULT compressor_softmax_bf16: the gate logits (projection + fp32 position bias) are
+                # kept in the activation dtype, so at bf16 the pooling softmax sees bf16 logits; the
+                # reference adds the bias in fp32 and runs the softmax there.
+                gate_rows = gate_rows.to(kv_rows.dtype)
             emitted = self.kv_norm(ops.compressor_pool(kv_rows, gate_rows))
             emitted = ops.rope(emitted, cos, sin)
             pool[cm.pool_dst] = emitted.to(pool.dtype)
@@ -143,7 +154,12 @@ class Indexer(WindowCompressor):
         q = ops.rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
         w = self.scorer.weights_proj(x).float() * self.n_heads**-0.5
         m = ctx.meta
-        top = ops.indexer_topk(q, w, lc.idx_pool, cm.entry_idx, m.token_seq, cm.limit, self.topk,
+        limit = cm.limit
+        if faults.active("indexer_frontier_off_by_one"):
+            # FAULT indexer_frontier_off_by_one: p // ratio + 1 instead of (p + 1) // ratio, so a query
+            # also sees the entry of its own block before that block is complete.
+            limit = m.positions // self.ratio + 1
+        top = ops.indexer_topk(q, w, lc.idx_pool, cm.entry_idx, m.token_seq, limit, self.topk,
                                self.head_dim**-0.5)
         tap(f"model.layers.{self.layer_idx}.self_attn.indexer.topk", top, cu_seqlens=m.cu_seqlens)
         return top
@@ -210,7 +226,8 @@ class Attention(nn.Module):
         win[m.win_dst] = kv[m.win_src].to(win.dtype)
 
         # K=V carried RoPE into the values: rotate back at the query position.
-        out = ops.rope(out, cos_h, -sin_h)
+        if not faults.active("skip_inverse_rope"):  # FAULT skip_inverse_rope: the output keeps the keys' RoPE
+            out = ops.rope(out, cos_h, -sin_h)
         out = self.o_a_proj(out.reshape(T, self.groups, -1)).flatten(1)
         return self.o_b_proj(out), None  # (output, attention weights) like the reference; no weights kept
 
@@ -228,7 +245,12 @@ class HyperConnection(nn.Module):
         self.name = ""
 
     def forward(self, streams):
-        pre, post, comb = ops.hc_sinkhorn(streams, self.fn, self.base, self.scale, self.iters, self.eps,
+        iters = self.iters
+        if faults.active("sinkhorn_off_by_one"):
+            # FAULT sinkhorn_off_by_one: hc_sinkhorn_iters read as the number of row+column rounds after
+            # the first column normalisation; the reference runs hc_sinkhorn_iters - 1 of them.
+            iters += 1
+        pre, post, comb = ops.hc_sinkhorn(streams, self.fn, self.base, self.scale, iters, self.eps,
                                           self.norm_eps)
         tap(f"{self.name}.mix", comb)
         collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
@@ -246,8 +268,8 @@ class HyperHead(nn.Module):
 
     def forward(self, x):
         flat = ops.rmsnorm_unweighted(x.flatten(1).float(), self.norm_eps)
-        mixes = F.linear(flat, self.hc_fn.float())
-        pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
+        mixes = row_linear(flat, self.hc_fn.float())
+        pre = lane_sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
         return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
 
 
@@ -278,7 +300,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x, input_ids):
-        logits = F.linear(x, self.weight.to(x.dtype))
+        logits = row_linear(x, self.weight.to(x.dtype))
         if self.scoring == "sqrtsoftplus":
             scores = F.softplus(logits).sqrt()
         elif self.scoring == "sigmoid":
@@ -289,8 +311,14 @@ class Router(nn.Module):
             ids = self.tid2eid[input_ids].long()
         else:  # the correction bias picks experts but never weighs them
             ids = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
+        if self.is_hash and faults.active("hash_routed_by_score"):
+            # FAULT hash_routed_by_score: a router written for score layers only; tid2eid is loaded but unused.
+            ids = torch.topk(scores, self.top_k, dim=-1, sorted=False).indices
         w = scores.gather(1, ids)
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        if not self.is_hash and faults.active("skip_routed_scale"):
+            # FAULT skip_routed_scale: the score-routed path returns the normalised weights unscaled.
+            return logits, w, ids
         return logits, w * self.scaling, ids
 
 
@@ -346,11 +374,20 @@ class DecoderLayer(nn.Module):
         dtype = streams.dtype
         post, comb, collapsed = self.attn_hc(streams)
         out, _ = self.self_attn(self.input_layernorm(collapsed), ctx)
-        # comb mixes over its first axis: new_k = sum_j comb[j, k] * stream_j
-        streams = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        streams = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + _mix_streams(comb.to(dtype), streams)
         post, comb, collapsed = self.ffn_hc(streams)
         out = self.mlp(self.post_attention_layernorm(collapsed), ctx)
-        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + _mix_streams(comb.to(dtype), streams)
+
+
+def _mix_streams(comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """new_k = sum_j comb[j, k] * stream_j, for comb [T, hc, hc], streams [T, hc, D].
+
+    Written as a broadcast product and a sum over j rather than a batched
+    matmul: the matmul's kernel (and rounding) changes with T, which made a
+    sequence's streams depend on the batch it ran in."""
+    # fp32 products and sum, one rounding at the end: what a bf16 matmul does.
+    return (comb.float().unsqueeze(-1) * streams.float().unsqueeze(-2)).sum(dim=1).to(streams.dtype)
 
 
 class DeepseekV4Model(nn.Module):

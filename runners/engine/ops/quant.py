@@ -20,10 +20,11 @@ a fused kernel accumulates in fp32 instead.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from parity import quant as pq
+from runners.engine import faults
 from runners.engine.ops import register
+from runners.engine.ops.torch_ops import row_linear
 
 FP8_SUFFIXES = (
     "self_attn.q_a_proj.weight",
@@ -64,6 +65,10 @@ def quantize_for_engine(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
 @register("act_quant", "torch")
 def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 e4m3 codes and one power-of-two fp32 scale per 1x128 block."""
+    if faults.active("act_scale_round_nearest"):
+        # FAULT act_scale_round_nearest: amax/448 rounded to the nearest power of two, so a block's
+        # largest values can land past 448 and saturate; the reference rounds the scale up.
+        return pq.quantize_fp8_act(x, rounding="rne")
     return pq.quantize_fp8_act(x)
 
 
@@ -77,7 +82,7 @@ def qdq_act(x: torch.Tensor) -> torch.Tensor:
 @register("fp8_linear", "torch")
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     w = pq.dequantize_fp8_weight(w_q, w_scale, dtype=x.dtype)
-    return F.linear(qdq_act(x), w)
+    return row_linear(qdq_act(x), w)
 
 
 def fp8_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype) -> torch.Tensor:
@@ -90,5 +95,5 @@ def fp4_expert(x, gate_up, gate_up_scale, down, down_scale, limit, hidden, inter
 
     w13 = pq.dequantize_fp4_weight(gate_up, gate_up_scale, k=hidden, dtype=x.dtype)
     w2 = pq.dequantize_fp4_weight(down, down_scale, k=inter, dtype=x.dtype)
-    h = swiglu(F.linear(qdq_act(x), w13), limit)
-    return F.linear(qdq_act(h), w2)
+    h = swiglu(row_linear(qdq_act(x), w13), limit)
+    return row_linear(qdq_act(h), w2)

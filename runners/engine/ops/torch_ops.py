@@ -6,6 +6,8 @@ Every op works on flat token rows ``[T, ...]``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -58,26 +60,45 @@ def sparse_attention(q, sources, sinks, scale):
     q: [T, H, D]. sources: list of (src [N, D], idx [T, K]) with idx -1 for
     "no entry". Keys and values are the same rows (shared-KV MQA). The
     per-head sink joins the softmax denominator and carries no value.
+
+    Each row attends over its own width (up to its last valid entry in each
+    source), not the batch's widest: a softmax or matmul over a longer,
+    -inf-padded row sums in another order, so a sequence would compute
+    differently in a batch than alone.
     """
     T, H, D = q.shape
     out = q.new_empty(T, H, D)
-    k_total = sum(idx.shape[1] for _, idx in sources)
+    if T == 0:
+        return out
+    widths = []
+    for _, idx in sources:
+        cols = torch.arange(1, idx.shape[1] + 1, device=idx.device)
+        widths.append(torch.where(idx >= 0, cols, 0).amax(dim=1) if idx.shape[1] else
+                      torch.zeros(T, dtype=torch.long, device=idx.device))
+    key = torch.zeros(T, dtype=torch.long, device=q.device)
+    for w, (_, idx) in zip(widths, sources):
+        key = key * (idx.shape[1] + 1) + w
     sink = sinks.float().view(1, H, 1)
-    for s, e in _row_chunks(T, k_total * D):
-        keys, masks = [], []
-        for src, idx in sources:
-            i = idx[s:e]
-            keys.append(src[i.clamp(min=0)])
-            masks.append(i < 0)
-        kv = torch.cat(keys, dim=1)  # [t, K, D]
-        invalid = torch.cat(masks, dim=1)
-        logits = torch.bmm(q[s:e], kv.transpose(1, 2)) * scale  # [t, H, K], in the activation dtype
-        logits = logits.masked_fill(invalid.unsqueeze(1), float("-inf"))
-        # the fp32 sink promotes the softmax to fp32, as in the reference
-        logits = torch.cat([logits.float(), sink.expand(e - s, H, 1)], dim=-1)
-        logits = logits - logits.max(dim=-1, keepdim=True).values
-        probs = torch.softmax(logits, dim=-1)[..., :-1]
-        out[s:e] = torch.bmm(probs.to(kv.dtype), kv)
+    for group_key in torch.unique(key).tolist():
+        rows_all = (key == group_key).nonzero().squeeze(1)
+        ws = [int(w[rows_all[0]]) for w in widths]
+        k_total = max(1, sum(ws))
+        for s, e in _row_chunks(rows_all.numel(), k_total * D):
+            rows = rows_all[s:e]
+            keys, masks = [], []
+            for (src, idx), w in zip(sources, ws):
+                i = idx[rows, :w]
+                keys.append(src[i.clamp(min=0)])
+                masks.append(i < 0)
+            kv = torch.cat(keys, dim=1)  # [t, K, D]
+            invalid = torch.cat(masks, dim=1)
+            logits = torch.bmm(q[rows], kv.transpose(1, 2)) * scale  # [t, H, K], in the activation dtype
+            logits = logits.masked_fill(invalid.unsqueeze(1), float("-inf"))
+            # the fp32 sink promotes the softmax to fp32, as in the reference
+            logits = torch.cat([logits.float(), sink.expand(rows.numel(), H, 1)], dim=-1)
+            logits = logits - logits.max(dim=-1, keepdim=True).values
+            probs = torch.softmax(logits, dim=-1)[..., :-1]
+            out[rows] = torch.bmm(probs.to(kv.dtype), kv)
     return out
 
 
@@ -108,22 +129,86 @@ def indexer_topk(q, weights, key_src, entry_idx, token_seq, limit, k, softmax_sc
     if kk == 0 or T == 0:
         return out
     keys = key_src[entry_idx.clamp(min=0)].float()  # [B, E, d]
+    # Each sequence is scored over its own entries only, as the reference
+    # scores one sequence: a batch-wide width would change the matmul's shape,
+    # and with it the rounding that decides near-ties in the top-k.
     ar = torch.arange(E, device=q.device)
-    for s, e in _row_chunks(T, E * q.shape[1]):
-        kt = keys[token_seq[s:e]]  # [t, E, d]
-        scores = torch.matmul(q[s:e].float(), kt.transpose(1, 2))  # [t, Hi, E]
-        scores = F.relu(scores) * softmax_scale
-        scores = (scores * weights[s:e].float().unsqueeze(-1)).sum(dim=1)  # [t, E]
-        lim = limit[s:e].unsqueeze(-1)
-        scores = scores.masked_fill(ar.view(1, -1) >= lim, float("-inf"))
-        top = scores.topk(kk, dim=-1).indices
-        out[s:e] = torch.where(top >= lim, torch.full_like(top, -1), top)
+    n_entries = (entry_idx >= 0).sum(dim=1)
+    for b in torch.unique(token_seq).tolist():
+        width = int(n_entries[b])
+        if width == 0:
+            continue
+        rows_all = (token_seq == b).nonzero().squeeze(1)
+        kw = min(kk, width)
+        for s, e in _row_chunks(rows_all.numel(), width * q.shape[1]):
+            rows = rows_all[s:e]
+            kt = keys[b, :width].unsqueeze(0).expand(rows.numel(), -1, -1)  # [t, width, d]
+            scores = torch.matmul(q[rows].float(), kt.transpose(1, 2))  # [t, Hi, width]
+            scores = F.relu(scores) * softmax_scale
+            scores = (scores * weights[rows].float().unsqueeze(-1)).sum(dim=1)  # [t, width]
+            lim = limit[rows].unsqueeze(-1)
+            scores = scores.masked_fill(ar[:width].view(1, -1) >= lim, float("-inf"))
+            top = scores.topk(kw, dim=-1).indices
+            out[rows, :kw] = torch.where(top >= lim, torch.full_like(top, -1), top)
     return out
+
+
+# Batch invariance: a GEMM library picks its kernel (and so its summation
+# order) from the number of rows, so a token's result would depend on how many
+# other tokens share the forward. Feeding every GEMM fixed blocks of
+# _ROW_BLOCK rows makes each row's result independent of the batch, which is
+# what lets `parity slot-invariance` demand bitwise equality of this engine.
+# On by default on the CPU (cheap there); PARITY_ENGINE_BATCH_INVARIANT=1|0
+# forces it on or off on every device.
+_ROW_BLOCK = 64
+_BI_SETTING = os.environ.get("PARITY_ENGINE_BATCH_INVARIANT", "auto").strip().lower()
+
+
+def _batch_invariant(x: torch.Tensor) -> bool:
+    if _BI_SETTING in ("1", "true", "on", "yes"):
+        return True
+    if _BI_SETTING in ("0", "false", "off", "no"):
+        return False
+    return x.device.type == "cpu"
+
+
+def row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear (x in weight's dtype), batch-invariant per row when enabled."""
+    x = x.to(weight.dtype)
+    if not _batch_invariant(x):
+        return F.linear(x, weight)
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    n = rows.shape[0]
+    if n == 0:
+        return x.new_empty(*lead, weight.shape[0])
+    pad = (-n) % _ROW_BLOCK
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, k)])
+    out = rows.new_empty(rows.shape[0], weight.shape[0])
+    wt = weight.t()
+    for s in range(0, rows.shape[0], _ROW_BLOCK):
+        torch.mm(rows[s:s + _ROW_BLOCK], wt, out=out[s:s + _ROW_BLOCK])
+    return out[:n].view(*lead, weight.shape[0])
+
+
+def lane_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid whose value does not depend on where a row sits in the batch.
+
+    The CPU kernel runs a vectorised exp on full vector lanes and a scalar exp
+    on the leftover tail, and the two round differently; with few columns
+    ([T, hc]) which elements fall in the tail depends on T. Padding each row
+    to 16 columns keeps every element on the vector path."""
+    cols = x.shape[-1]
+    if x.device.type != "cpu" or cols % 16 == 0:
+        return torch.sigmoid(x)
+    padded = F.pad(x, (0, (-cols) % 16))
+    return torch.sigmoid(padded)[..., :cols]
 
 
 @register("linear", "torch")
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(x.to(weight.dtype), weight)
+    return row_linear(x, weight)
 
 
 def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
@@ -158,7 +243,7 @@ def fused_moe(x, ids, weights, w13, w2, limit, expert_fn=None):
             continue
         seg = rows[start : start + n]
         if expert_fn is None:
-            y[start : start + n] = F.linear(swiglu(F.linear(seg, w13[e]), limit), w2[e])
+            y[start : start + n] = row_linear(swiglu(row_linear(seg, w13[e]), limit), w2[e])
         else:
             y[start : start + n] = expert_fn(e, seg)
         start += n
@@ -177,11 +262,11 @@ def hc_sinkhorn(streams, fn, base, scale, iters: int, eps: float, norm_eps: floa
     """
     hc = streams.shape[1]
     flat = rmsnorm_unweighted(streams.flatten(start_dim=1).float(), norm_eps)
-    pre_w, post_w, comb_w = F.linear(flat, fn.float()).split([hc, hc, hc * hc], dim=-1)
+    pre_w, post_w, comb_w = row_linear(flat, fn.float()).split([hc, hc, hc * hc], dim=-1)
     pre_b, post_b, comb_b = base.split([hc, hc, hc * hc])
     pre_s, post_s, comb_s = scale.unbind(0)
-    pre = torch.sigmoid(pre_w * pre_s + pre_b) + eps
-    post = 2 * torch.sigmoid(post_w * post_s + post_b)
+    pre = lane_sigmoid(pre_w * pre_s + pre_b) + eps
+    post = 2 * lane_sigmoid(post_w * post_s + post_b)
     comb = torch.softmax(comb_w.view(-1, hc, hc) * comb_s + comb_b.view(hc, hc), dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
