@@ -8,8 +8,9 @@ Writes one dump per run into OUT and ``index.json`` saying which is which:
     target/     the engine, all prompts in one batch, greedy
     ref/        the reference, forced on the engine's tokens (teacher forcing)
     floor/      (--floor) the reference in fp64, forced on the same tokens
-    batched/    the engine, N sequences in N slots   } for slot invariance
-    solo-<i>/   the engine, prompt i alone            }
+    batched/    the engine, N sequences in N slots    } for slot invariance
+                that served other requests before
+    solo-<i>/   the engine, prompt i alone, fresh      }
 
 Then, for example:
 
@@ -114,6 +115,27 @@ def known_faults() -> list[str] | None:
     return None
 
 
+def fault_precisions(name: str) -> tuple[str, ...] | None:
+    """The precisions at which a fault does anything, or None for all: from
+    the zoo's ``PRECISIONS`` table when it has one, else from the "(fp8
+    only)" / "(... bf16 and fp8 only)" note in the fault's description."""
+    import re
+
+    try:
+        from runners.engine import faults
+    except ImportError:
+        return None
+    table = getattr(faults, "PRECISIONS", None)
+    if isinstance(table, dict) and name in table:
+        return tuple(table[name]) or None
+    text = str(getattr(faults, "FAULTS", {}).get(name, ""))
+    note = re.search(r"\(([^()]*)\bonly\)", text)
+    if note is None:
+        return None
+    found = tuple(p for p in PRECISIONS if re.search(rf"\b{p}\b", note.group(1)))
+    return found or None
+
+
 def check_fault(name: str | None) -> None:
     if not name:
         return
@@ -158,32 +180,51 @@ def _all_prompt_logits(engine) -> None:
     engine.forward = full
 
 
+def _previous_tenants(engine, prompt_ids) -> None:
+    """Serve other requests in every slot first, then free the slots: the
+    batched run then sits in slots that held someone else, as in serving, so
+    state a slot fails to reset shows up against the solo runs (which use a
+    fresh engine). Each tenant is its slot's prompt reversed: different
+    tokens, same length, so every ring and compressor window gets filled."""
+    engine.generate([p[::-1] for p in prompt_ids], max_new_tokens=2, greedy=True, ignore_eos=True)
+
+
 def _engine_run(ckpt, dump: Path, prompt_ids, *, precision, max_new_tokens, fault, max_num_seqs,
-                device, full_logits=False, record_tokens=False, patch_engine=None):
+                device, full_logits=False, record_tokens=False, reuse_slots=False, patch_engine=None):
     """One fresh engine, capture into ``dump``, greedy over ``prompt_ids``.
 
     A fresh engine per run: a slot-state bug must not leak from one run into
-    the next and masquerade as (or hide) a slot-invariance failure."""
+    the next by accident; ``reuse_slots`` makes the slots' previous tenants
+    explicit (and uncaptured) instead."""
+    from parity import capture
+    from parity.config import CaptureConfig
     from runners.engine import Engine
 
     longest = max(len(p) for p in prompt_ids) + max_new_tokens
     # One prefill forward for the whole batch: step numbers then mean the
     # same thing in every run (prefill 0, decode k), which is how records meet.
     tokens = max(4096, sum(len(p) for p in prompt_ids))
-    with _env(PARITY_DUMP_DIR=str(dump), **{FAULT_ENV: fault or None}):
+    # Capture starts after the previous tenants when there are any, so the
+    # dump holds the measured run only.
+    with _env(PARITY_DUMP_DIR=None if reuse_slots else str(dump), **{FAULT_ENV: fault or None}):
         engine = Engine(ckpt, precision=precision, device=device, max_num_seqs=max_num_seqs,
                         max_model_len=max(longest + 1, 64), max_num_batched_tokens=tokens)
+        if patch_engine is not None:
+            patch_engine(engine)
+        if reuse_slots:
+            _previous_tenants(engine, prompt_ids)
+            engine.capture = capture.install(engine.model, CaptureConfig.from_env().replace(dump_dir=str(dump)),
+                                             run_info={"impl": "engine", "precision": precision,
+                                                       "checkpoint": str(ckpt)})
         handle = engine.capture
         if handle is None or not handle.enabled:
             raise ParityError(f"engine capture into {dump} could not start (the reason is printed above)")
         try:
             if full_logits:
                 _all_prompt_logits(engine)
-            if patch_engine is not None:
-                patch_engine(engine)
             results = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, greedy=True, ignore_eos=True)
             generated = [list(r.token_ids) for r in results]
-            extra = {"fault": fault}
+            extra = {"fault": fault, "previous_tenants": bool(reuse_slots)}
             if record_tokens:
                 # The reference records prompt + new tokens; the compare checks
                 # both runs saw the same sequence.
@@ -278,7 +319,7 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
                 run_reference(ckpt, prompt_ids, dump=out / "floor", precision="fp64", **reference)
     with timed("batched"):
         _engine_run(dump=out / "batched", prompt_ids=[prompt_ids[i] for i in batch], max_num_seqs=len(batch),
-                    **run)
+                    reuse_slots=True, **run)
     solos = []
     for i in sorted(set(batch)):
         with timed(f"solo-{i}"):

@@ -76,6 +76,30 @@ def test_demo_finds_a_slot_fault(tmp_path):
     assert summary["diverged"] is True and summary["exit_code"] == 1
 
 
+@needs_ckpt
+def test_demo_finds_a_fault_of_the_zoo(tmp_path):
+    pytest.importorskip("runners.engine.faults")
+    r = _demo("--out", str(tmp_path / "report"), "--fault", "skip_inverse_rope", "--questions", "2",
+              "--decode-steps", "1", "--no-progress")
+    assert r.exit_code == 1, r.output
+    assert "fault: skip_inverse_rope" in r.output and "ref-vs-target:   FAIL" in r.output
+    assert "error enters at layer 0" in r.output
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["fault"] == "skip_inverse_rope" and summary["layer_bisect"]["layer"] == 0
+
+
+def test_a_fault_runs_at_a_precision_where_it_acts():
+    pytest.importorskip("runners.engine.faults")
+    from parity.cli.demo import choose_precision
+    from parity.errors import ParityError
+
+    assert choose_precision(None, None) == "fp32"
+    assert choose_precision("skip_inverse_rope", None) == "fp32"
+    assert choose_precision("fp8_unscaled_o_a", None) == "fp8"
+    with pytest.raises(ParityError, match="acts only at fp8"):
+        choose_precision("fp8_unscaled_o_a", "fp32")
+
+
 def test_unknown_fault_is_bad_input(tmp_path):
     r = _demo("--out", str(tmp_path / "x"), "--fault", "no-such-fault", *SMALL)
     assert r.exit_code == 2

@@ -108,14 +108,28 @@ def demo_prompts(n: int, data: str | None) -> tuple[list[str], str]:
     return [doc_to_text(d) for d in docs], source
 
 
-def check_fault(fault: str | None) -> None:
+def choose_precision(fault: str | None, precision: str | None) -> str:
+    """Check the fault name and pick the precision: the one given, else fp32,
+    else (for a fault that acts only at some precisions) fp8 or the first
+    it acts at. A fault that would do nothing at the given precision is bad
+    input: the demo would report a clean engine with the fault "on"."""
     if not fault:
-        return
-    names = _outside("runners.side_by_side").known_faults()
+        return precision or "fp32"
+    sbs = _outside("runners.side_by_side")
+    names = sbs.known_faults()
     if names is None:
         raise ParityError("this engine has no fault zoo (runners/engine/faults.py): --fault cannot inject anything")
     if fault not in names:
         raise ParityError(f"unknown fault {fault!r} (known: {', '.join(names)})")
+    acts = sbs.fault_precisions(fault)
+    if acts is None:
+        return precision or "fp32"
+    if precision is None:
+        return "fp8" if "fp8" in acts else acts[0]
+    if precision not in acts:
+        raise ParityError(f"fault {fault!r} acts only at {' and '.join(acts)}; give --precision {acts[0]} "
+                          f"or leave --precision out")
+    return precision
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -263,13 +277,12 @@ _ENGINE_STAGE = {"target": "engine: all prompts (target)", "ref": "reference, fo
                  "floor": "reference in fp64 (floor)", "batched": "engine: batched run"}
 
 
-def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, precision: str = "fp32",
+def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, precision: str | None = None,
              fault: str | None = None, data: str | None = None, force: bool = False, progress: bool = True,
-             floor: bool | None = None, patch_engine=None) -> DemoResult:
-    """Everything ``parity demo`` does; returns what it found. ``floor``:
-    judge against an fp64 reference run (default: for bf16 and fp8, whose
-    fixed thresholds are those of the fp32 tensors the model keeps, e.g. the
-    hyper-connections, which inherit the bf16 error of their inputs)."""
+             floor: bool = False, patch_engine=None) -> DemoResult:
+    """Everything ``parity demo`` does; returns what it found. ``precision``
+    None: fp32, or what ``fault`` needs. ``floor``: also run the reference in
+    fp64 and judge by the noise floor instead of fixed thresholds."""
     import torch
 
     from parity.bisect import layer_bisect
@@ -278,15 +291,13 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
 
     out = Path(out)
     t_start = time.perf_counter()
-    check_fault(fault)
+    precision = choose_precision(fault, precision)
     prepare_out(out, force)
     prompts, source = demo_prompts(questions, data)
     say = lambda msg: click.echo(f"parity demo: {msg}", err=True)
     ckpt = resolve_checkpoint(ckpt, say)
     sbs = _outside("runners.side_by_side")
 
-    if floor is None:
-        floor = precision != "fp32"
     distinct = len(prompts)
     stages = (["engine: all prompts (target)", "reference, forced on engine tokens"]
               + (["reference in fp64 (floor)"] if floor else []) + ["engine: batched run"]
@@ -429,19 +440,34 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
 # ---------------------------------------------------------------- command
 
 
+class _FaultOption(click.Option):
+    """--fault, whose help lists the bug zoo's names. They are read when the
+    help is shown, not at import: parity imports no runner module itself."""
+
+    def get_help_record(self, ctx):
+        try:
+            names = _outside("runners.side_by_side").known_faults()
+        except Exception:  # noqa: BLE001 - the help must show even without the runners
+            names = None
+        if names:
+            self.help = f"{self.help.split(' One of:')[0]} One of: {', '.join(names)}."
+        return super().get_help_record(ctx)
+
+
 @cli.command("demo")
 @click.option("--out", default=DEFAULT_OUT, show_default=True, metavar="DIR",
               help="Report folder (summary.md, plots, dumps). Refused when not empty, unless --force.")
 @click.option("--force", is_flag=True, help="Replace a previous demo's files in --out.")
-@click.option("--fault", metavar="NAME", default=None,
-              help="Inject one engine fault from the bug zoo (runners/engine/faults.py) and watch parity find it.")
+@click.option("--fault", metavar="NAME", default=None, cls=_FaultOption,
+              help="Inject one engine fault from the bug zoo (runners/engine/faults.py, docs/bug-zoo.md) and "
+                   "watch parity find it.")
 @click.option("--ckpt", metavar="DIR", default=None,
               help=f"Checkpoint (default: {DEFAULT_CKPT}, else the tiny preset synthesized with seed 0).")
 @click.option("--questions", "-n", type=int, default=3, show_default=True, help="GSM8K questions (0-shot).")
 @click.option("--decode-steps", type=int, default=4, show_default=True, help="Decode forwards after the prefill.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8"]), default="fp32", show_default=True)
-@click.option("--floor/--no-floor", default=None,
-              help="Judge against an fp64 reference run (noise floor). Default: on for bf16 and fp8.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8"]), default=None,
+              help="Engine precision (default fp32, or the one a --fault needs).")
+@click.option("--floor", is_flag=True, help="Also run the reference in fp64 and judge by the noise floor.")
 @click.option("--data", metavar="FILE", default=None,
               help="GSM8K test jsonl (default: ../shared/data/gsm8k/test.jsonl; built-in questions when missing).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
