@@ -35,8 +35,16 @@ FAULTS: dict[str, str] = {
                              "that collide with the next slot's",
     "block_table_double_offset": "the compressed-KV reader adds the block-table offset twice for every sequence "
                                  "after the first in a batch",
-    "compressor_softmax_bf16": "the compressor's pooling softmax runs on bf16 gate logits where the reference "
-                               "uses fp32 (a precision bug: bf16 and fp8 only)",
+    "sinkhorn_bf16": "the hyper-connection Sinkhorn normalisation runs in bf16 where the reference uses fp32 "
+                     "(a precision bug: bf16 and fp8 only)",
+}
+
+# Faults that act only at some precisions (the rest act at every one): the
+# FP8 paths exist only at fp8, and a bf16 rounding is no rounding at fp32.
+PRECISIONS: dict[str, tuple[str, ...]] = {
+    "fp8_unscaled_o_a": ("fp8",),
+    "act_scale_round_nearest": ("fp8",),
+    "sinkhorn_bf16": ("bf16", "fp8"),
 }
 
 _ACTIVE: frozenset[str] = frozenset()
@@ -92,4 +100,4 @@ def reset_slot_leaky(manager, slot: int) -> None:
     seen.add(slot)
 
 
-__all__ = ["ENV", "FAULTS", "active", "current", "load", "names", "parse", "reset_slot_leaky"]
+__all__ = ["ENV", "FAULTS", "PRECISIONS", "active", "current", "load", "names", "parse", "reset_slot_leaky"]

@@ -117,11 +117,6 @@ class WindowCompressor(nn.Module):
             missing = (idx < 0).unsqueeze(-1)  # before the sequence start
             kv_rows = kv_rows.masked_fill(missing, 0.0)
             gate_rows = gate_rows.masked_fill(missing, float("-inf"))
-            if faults.active("compressor_softmax_bf16"):
-                # FAULT compressor_softmax_bf16: the gate logits (projection + fp32 position bias) are
-                # kept in the activation dtype, so at bf16 the pooling softmax sees bf16 logits; the
-                # reference adds the bias in fp32 and runs the softmax there.
-                gate_rows = gate_rows.to(kv_rows.dtype)
             emitted = self.kv_norm(ops.compressor_pool(kv_rows, gate_rows))
             emitted = ops.rope(emitted, cos, sin)
             pool[cm.pool_dst] = emitted.to(pool.dtype)

@@ -11,6 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from runners.engine import faults
 from runners.engine.ops import register
 
 # Gathered attention keys are [T, K, D]; bound one chunk's size so long
@@ -268,8 +269,15 @@ def hc_sinkhorn(streams, fn, base, scale, iters: int, eps: float, norm_eps: floa
     pre = lane_sigmoid(pre_w * pre_s + pre_b) + eps
     post = 2 * lane_sigmoid(post_w * post_s + post_b)
     comb = torch.softmax(comb_w.view(-1, hc, hc) * comb_s + comb_b.view(hc, hc), dim=-1) + eps
+    low = faults.active("sinkhorn_bf16")
+    if low:
+        # FAULT sinkhorn_bf16: the softmax output is normalised in the activation dtype (a bf16 Sinkhorn
+        # shared with other code) and cast back to fp32; every row and column sum rounds to bf16.
+        comb = comb.to(streams.dtype)
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    if low:
+        comb = comb.float()
     return pre, post, comb
