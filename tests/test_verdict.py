@@ -188,6 +188,9 @@ def test_thresholds_for_picks_less_precise_float():
     assert thresholds_for("float32", "int64").label == "fp32"
     assert thresholds_for("float8_e4m3fn", "bfloat16").label == "fp8"
     assert thresholds_for("float64", "float64").label == "fp64"
+    only_bf16 = {"bfloat16": Thresholds("mine", 0.1, 0.2, 0.0, 0.0, 3.0, 0.0)}
+    assert thresholds_for("bfloat16", "float32", only_bf16).label == "mine"
+    assert thresholds_for("float32", "float32", only_bf16).label == "fp32"      # falls back
 
 
 def test_floor_verdict_defaults_and_overrides():

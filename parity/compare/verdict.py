@@ -99,12 +99,11 @@ def _key_for(dt: torch.dtype) -> str:
 
 def thresholds_for(dtype_a, dtype_b=None, table: Mapping[str, Thresholds] | None = None) -> Thresholds:
     """The row for the less precise float dtype of the pair (names or torch
-    dtypes); an integer side is ignored; no float side at all -> float32."""
-    table = THRESHOLDS if table is None else table
+    dtypes); an integer side is ignored; no float side at all -> float32.
+    Rows missing from `table` come from THRESHOLDS."""
     floats = [dt for dt in map(_dtype, (dtype_a, dtype_b)) if dt is not None and dt.is_floating_point]
-    if not floats:
-        return table["float32"]
-    return table[_key_for(max(floats, key=lambda dt: torch.finfo(dt).eps))]
+    key = _key_for(max(floats, key=lambda dt: torch.finfo(dt).eps)) if floats else "float32"
+    return (table or {}).get(key) or THRESHOLDS[key]
 
 
 def _e(x: float) -> str:
