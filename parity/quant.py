@@ -246,3 +246,31 @@ def qdq_fp8_act(x: torch.Tensor, block: int = ACT_BLOCK, rounding: str = "ceil")
     """Quantize-dequantize activations per 1 x ``block``; same shape and dtype."""
     q, s = quantize_fp8_act(x, block, rounding)
     return dequantize_fp8_act(q, s, block, dtype=x.dtype)
+
+
+# Which DeepSeek-V4 weights ship quantized, by parameter-name suffix (the
+# transformers naming): FP8 128x128 for the attention and shared-expert
+# projections, FP4 per-32 for the routed experts; compressors, the indexer's
+# scorer, the router, embeddings and the head stay in bf16. The reference's
+# quant simulation and the engine's loader both read this one table.
+DSV4_FP8_SUFFIXES = (
+    "self_attn.q_a_proj.weight",
+    "self_attn.q_b_proj.weight",
+    "self_attn.kv_proj.weight",
+    "self_attn.o_a_proj.weight",
+    "self_attn.o_b_proj.weight",
+    "self_attn.compressor.indexer.q_b_proj.weight",
+    "mlp.shared_experts.gate_proj.weight",
+    "mlp.shared_experts.up_proj.weight",
+    "mlp.shared_experts.down_proj.weight",
+)
+DSV4_FP4_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def dsv4_weight_format(name: str) -> str | None:
+    """``"fp8"``, ``"fp4"`` or None for a DeepSeek-V4 parameter name."""
+    if name.endswith(DSV4_FP8_SUFFIXES):
+        return "fp8"
+    if name.endswith(DSV4_FP4_SUFFIXES):
+        return "fp4"
+    return None

@@ -31,27 +31,8 @@ import torch
 from parity import quant
 from parity.ref_patch import patch_method
 
-FP8_SUFFIXES = (
-    "self_attn.q_a_proj.weight",
-    "self_attn.q_b_proj.weight",
-    "self_attn.kv_proj.weight",
-    "self_attn.o_a_proj.weight",
-    "self_attn.o_b_proj.weight",
-    "self_attn.compressor.indexer.q_b_proj.weight",
-    "mlp.shared_experts.gate_proj.weight",
-    "mlp.shared_experts.up_proj.weight",
-    "mlp.shared_experts.down_proj.weight",
-)
-FP4_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-
-
-def weight_format(name: str) -> str | None:
-    """``"fp8"``, ``"fp4"`` or None for a parameter name of DeepseekV4ForCausalLM."""
-    if name.endswith(FP8_SUFFIXES):
-        return "fp8"
-    if name.endswith(FP4_SUFFIXES):
-        return "fp4"
-    return None
+FP8_SUFFIXES, FP4_SUFFIXES = quant.DSV4_FP8_SUFFIXES, quant.DSV4_FP4_SUFFIXES
+weight_format = quant.dsv4_weight_format
 
 
 def quantized_weights(model) -> dict[str, str]:

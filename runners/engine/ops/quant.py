@@ -26,26 +26,8 @@ from runners.engine import faults
 from runners.engine.ops import register
 from runners.engine.ops.torch_ops import row_linear
 
-FP8_SUFFIXES = (
-    "self_attn.q_a_proj.weight",
-    "self_attn.q_b_proj.weight",
-    "self_attn.kv_proj.weight",
-    "self_attn.o_a_proj.weight",
-    "self_attn.o_b_proj.weight",
-    "self_attn.compressor.indexer.q_b_proj.weight",
-    "mlp.shared_experts.gate_proj.weight",
-    "mlp.shared_experts.up_proj.weight",
-    "mlp.shared_experts.down_proj.weight",
-)
-FP4_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-
-
-def weight_format(name: str) -> str | None:
-    if name.endswith(FP8_SUFFIXES):
-        return "fp8"
-    if name.endswith(FP4_SUFFIXES):
-        return "fp4"
-    return None
+FP8_SUFFIXES, FP4_SUFFIXES = pq.DSV4_FP8_SUFFIXES, pq.DSV4_FP4_SUFFIXES
+weight_format = pq.dsv4_weight_format
 
 
 def quantize_for_engine(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
