@@ -197,8 +197,10 @@ def test_floor_verdict_defaults_and_overrides():
     assert floor_verdict(3.0e-2, 1.0e-2, "bfloat16").status == "pass"    # 3 x 1e-2 + 3.9e-3
     v = floor_verdict(3.5e-2, 1.0e-2, torch.bfloat16)
     assert v.status == "fail" and v.reason == "rel_l2 to floor 3.5e-02 > 3 x 1.0e-02 + 3.9e-03 (bf16 floor)"
-    assert floor_verdict(3.0e-7, 1.0e-7, torch.float32).status == "fail"  # m = 2 for fp32
-    assert floor_verdict(3.0e-7, 1.0e-7, torch.float32, m=3).status == "pass"
+    assert floor_verdict(3.0e-6, 1.0e-6, torch.float32).status == "fail"  # m = 2 for fp32, atol 9.5e-7
+    assert floor_verdict(3.0e-6, 1.0e-6, torch.float32, m=3).status == "pass"
+    # both sides at fp32 rounding level, independently: not a finding
+    assert floor_verdict(4.0e-7, 1.0e-7, torch.float32).status == "pass"
     assert floor_verdict(1e-3, 0.0, "float16", atol=1e-3).status == "pass"
     assert floor_verdict(float("nan"), 1e-3, "bfloat16").status == "fail"
     with pytest.raises(ParityError):
