@@ -279,10 +279,12 @@ _ENGINE_STAGE = {"target": "engine: all prompts (target)", "ref": "reference, fo
 
 def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, precision: str | None = None,
              fault: str | None = None, data: str | None = None, force: bool = False, progress: bool = True,
-             floor: bool = False, patch_engine=None) -> DemoResult:
+             floor: bool | None = None, patch_engine=None) -> DemoResult:
     """Everything ``parity demo`` does; returns what it found. ``precision``
     None: fp32, or what ``fault`` needs. ``floor``: also run the reference in
-    fp64 and judge by the noise floor instead of fixed thresholds."""
+    fp64 and judge by the noise floor instead of fixed thresholds; None: for
+    bf16 and fp8, where the model's fp32 records (hyper-connections, sinks)
+    inherit bf16 error from their inputs and fixed fp32 limits misfire."""
     import torch
 
     from parity.bisect import layer_bisect
@@ -298,6 +300,8 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
     ckpt = resolve_checkpoint(ckpt, say)
     sbs = _outside("runners.side_by_side")
 
+    if floor is None:
+        floor = precision != "fp32"
     distinct = len(prompts)
     stages = (["engine: all prompts (target)", "reference, forced on engine tokens"]
               + (["reference in fp64 (floor)"] if floor else []) + ["engine: batched run"]
@@ -467,7 +471,8 @@ class _FaultOption(click.Option):
 @click.option("--decode-steps", type=int, default=4, show_default=True, help="Decode forwards after the prefill.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8"]), default=None,
               help="Engine precision (default fp32, or the one a --fault needs).")
-@click.option("--floor", is_flag=True, help="Also run the reference in fp64 and judge by the noise floor.")
+@click.option("--floor/--no-floor", default=None,
+              help="Also run the reference in fp64 and judge by the noise floor (default: on for bf16 and fp8).")
 @click.option("--data", metavar="FILE", default=None,
               help="GSM8K test jsonl (default: ../shared/data/gsm8k/test.jsonl; built-in questions when missing).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
