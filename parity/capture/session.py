@@ -152,6 +152,10 @@ class CaptureSession:
 
     # ---- writer thread ----------------------------------------------------
     def _drain(self) -> None:
+        # One intra-op thread here (the setting is per thread): the host's own
+        # thread pool already fills the cores, and a second pool spinning
+        # beside it slows the model far more than the writer gains.
+        torch.set_num_threads(1)
         batch: list = []
         batch_bytes = 0
         while True:
