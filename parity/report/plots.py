@@ -74,7 +74,9 @@ def heatmap(pivot: pd.DataFrame, path: str, title: str, xlabel: str, ylabel: str
         with np.errstate(divide="ignore", invalid="ignore"):
             data = np.log10(np.where(data > 0, data, np.nan))
     h = max(3.0, 0.28 * len(pivot.index) + 1.5)
-    w = max(5.0, 0.22 * len(pivot.columns) + 3.0)
+    # Leave room for long stage names on the y axis and the colour bar.
+    longest = max((len(str(i)) for i in pivot.index), default=10)
+    w = max(7.0, 0.3 * len(pivot.columns) + 0.06 * longest + 3.0)
     fig, ax = plt.subplots(figsize=(min(w, 30), min(h, 30)))
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="magma")
     ax.set_xticks(range(len(pivot.columns)))
@@ -83,8 +85,8 @@ def heatmap(pivot: pd.DataFrame, path: str, title: str, xlabel: str, ylabel: str
     ax.set_yticklabels([str(i) for i in pivot.index], fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="log10 " + ("error" if log else "value"))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03, label="log10 " + ("error" if log else "value"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
