@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from parity.compare.api import frame
-from parity.compare.align import ShardReleaser, _cut, as_dump, split_key, squeeze_leading, token_ids
+from parity.compare.align import ShardReleaser, _cut, as_dump, split_key, squeeze_leading, take, token_ids
 from parity.errors import ParityError
 from parity.store.reader import Dump
 from parity.store.schema import Record
@@ -235,7 +235,7 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
             rel.done([rec])
             continue
         t = bdump.load(rec)
-        piece = lambda c: t[c[1]] if c[1] is not None else (t[c[2][0]:c[2][1]] if c[2] is not None else t)
+        piece = lambda c: take(t, c[1], c[2])
         if same_prompt:
             ref_cut = cuts[0]
             for slot, c in enumerate(cuts[1:], start=1):
@@ -288,12 +288,7 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
 
 
 def solo_dump_piece(dump: Dump, rec: Record, cut) -> torch.Tensor:
-    t = dump.load(rec)
-    if cut[1] is not None:
-        return t[cut[1]]
-    if cut[2] is not None:
-        return t[cut[2][0]:cut[2][1]]
-    return t
+    return take(dump.load(rec), cut[1], cut[2])
 
 
 def _first(table: pd.DataFrame) -> pd.DataFrame:

@@ -111,3 +111,32 @@ def test_different_token_ids_stop(tmp_path, toy, ref):
     eng = dumpgen.write_engine(tmp_path / "eng", toy, [[1, 2, 3, 4, 6], [6, 7, 8], [9, 10, 11, 12, 13, 14, 15]])
     with pytest.raises(ParityError, match="sequence 0 differs at token 4"):
         compare_dumps(ref, eng)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_reference_batch_aligns_with_ragged_target(tmp_path, side):
+    from parity import compare_dumps
+    from parity.store import DumpWriter, Record
+
+    torch.manual_seed(0)
+    seqs = [torch.randn(4, 8), torch.randn(6, 8)]
+    padded = torch.full((2, 6, 8), 1e4)  # padding must never be compared
+    for i, s in enumerate(seqs):
+        if side == "right":
+            padded[i, : s.shape[0]] = s
+        else:
+            padded[i, 6 - s.shape[0]:] = s
+
+    def write(root, t, meta):
+        w = DumpWriter(str(root), run_info={"token_ids": [[1] * 4, [2] * 6]})
+        rec = Record(key="model.layers.0:output", module="model.layers.0", stage="output", layer=0,
+                     phase="prefill", step=0, meta=meta, seq=w.next_seq())
+        w.write_batch([(rec, t)])
+        w.close()
+        return str(root)
+
+    ref = write(tmp_path / "ref", padded, {"seq_ids": [0, 1], "seq_lens": [4, 6], "padding_side": side})
+    tgt = write(tmp_path / "tgt", torch.cat(seqs), {"seq_ids": [0, 1], "cu_seqlens": [0, 4, 10]})
+    res = compare_dumps(ref, tgt)
+    assert len(res.table) == 2 and res.exit_code == 0, res.table
+    assert set(res.table["verdict"]) == {"pass"}

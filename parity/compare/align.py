@@ -87,12 +87,7 @@ class Piece:
         into the memory map unless shards had to be concatenated."""
         parts = []
         for rec in self.recs:
-            t = dump.load(rec)
-            if self.row is not None:
-                t = t[self.row]
-            elif self.span is not None:
-                t = t[self.span[0]:self.span[1]]
-            parts.append(t)
+            parts.append(take(dump.load(rec), self.row, self.span))
         if len(parts) == 1:
             t = parts[0]
         else:
@@ -101,6 +96,16 @@ class Piece:
                 d -= 1  # the batch dim is gone
             t = torch.cat(parts, dim=d)
         return squeeze_leading(t)
+
+
+def take(t: torch.Tensor, row: int | None, span: tuple[int, int] | None) -> torch.Tensor:
+    """The part of a record's tensor that one sequence owns: its batch row,
+    then its token span (ragged rows, or the unpadded tokens of a row)."""
+    if row is not None:
+        t = t[row]
+    if span is not None:
+        t = t[span[0]:span[1]]
+    return t
 
 
 def squeeze_leading(t: torch.Tensor) -> torch.Tensor:
@@ -126,6 +131,18 @@ def _cut(rec: Record) -> list[tuple[int | None, int | None, tuple[int, int] | No
             # One row per sequence (e.g. last-token logits) in a ragged forward.
             return [(s, None, (i, i + 1), None) for i, s in enumerate(seq_ids)]
         return [(s, None, None, f"dim 0 is {dim0} but cu_seqlens ends at {cu[-1]}") for s in seq_ids]
+    lens = rec.meta.get("seq_lens")
+    if lens is not None and dim0 == len(seq_ids) and len(rec.shape) >= 2:
+        # A padded [B, S, ...] batch: each row holds seq_lens[i] real tokens,
+        # on the right (default) or the left of the padding.
+        if len(lens) != len(seq_ids):
+            return [(s, None, None, f"seq_lens has {len(lens)} entries for {len(seq_ids)} sequences")
+                    for s in seq_ids]
+        width = rec.shape[1]
+        if max(lens) > width:
+            return [(s, None, None, f"seq_lens reach {max(lens)} but dim 1 is {width}") for s in seq_ids]
+        left = rec.meta.get("padding_side", "right") == "left"
+        return [(s, i, (width - n, width) if left else (0, n), None) for i, (s, n) in enumerate(zip(seq_ids, lens))]
     if len(seq_ids) == 1:
         return [(seq_ids[0], None, None, None)]
     if dim0 == len(seq_ids):
