@@ -53,6 +53,7 @@ class CaptureSession:
         self._tap_calls: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        self._copy_stream = None
         self._thread = threading.Thread(target=self._drain, name="parity-writer", daemon=True)
         self._thread.start()
         self.users = 0
@@ -127,9 +128,10 @@ class CaptureSession:
         rec = Record(key=f"{module}:{stage}", module=module, stage=stage, cls=cls, layer=layer, call=call,
                      phase=ctx["phase"], step=ctx["step"], rank=cfg.rank, world_size=cfg.world_size,
                      shape=list(t.shape), dtype=dtype_name(t.dtype), meta=meta)
+        payload = summary = None
         if cfg.mode == "stats":
             rec.kind = "stats"
-            payload, event = stats_vector(t), None
+            summary = stats_vector(t)
         else:
             nbytes = t.numel() * t.element_size()
             if cfg.max_bytes is not None and self.bytes_queued + nbytes > cfg.max_bytes:
@@ -138,19 +140,37 @@ class CaptureSession:
             self.bytes_queued += nbytes
             # A copy, never an alias: the host may mutate the tensor in place later.
             payload = t.clone(memory_format=torch.contiguous_format)
-            event = None
-            if payload.is_cuda:
+            if t.is_cuda:
                 # Summaries are nearly free on the GPU and slow on the writer's CPU.
-                payload = (payload, stats_vector(t))
-                event = torch.cuda.Event()
-                event.record()
+                summary = stats_vector(t)
+        event = None
+        if t.is_cuda:
+            # The summary travels to pinned host memory on the model's stream,
+            # without a sync; the writer waits on the event, never on the
+            # stream, so it cannot stall the host while the forward runs.
+            host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+            host.copy_(summary, non_blocking=True)
+            summary = host
+            event = torch.cuda.Event()
+            event.record()
         with self._lock:
             if not self.active:
                 return
             rec.seq = self.writer.next_seq()
-        self._queue.put((rec, payload, event))
+        self._queue.put((rec, payload, summary, event))
 
     # ---- writer thread ----------------------------------------------------
+    def _to_host(self, payload: torch.Tensor) -> torch.Tensor:
+        """Copy a device tensor to pinned host memory on a side stream, so the
+        copy neither queues behind the model's kernels nor holds them up."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=payload.device)
+        cpu = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+        with torch.cuda.stream(self._copy_stream):
+            cpu.copy_(payload, non_blocking=True)
+        self._copy_stream.synchronize()
+        return cpu
+
     def _drain(self) -> None:
         # One intra-op thread here (the setting is per thread): the host's own
         # thread pool already fills the cores, and a second pool spinning
@@ -167,23 +187,16 @@ class CaptureSession:
                     return
                 if self.errors:
                     continue  # failed: keep draining so the host never blocks
-                rec, payload, event = item
+                rec, payload, summary, event = item
                 if event is not None:
-                    event.synchronize()
+                    event.synchronize()  # the clone and the summary are done
+                if summary is not None:
+                    rec.stats = stats_from_vector(summary)
                 if rec.kind == "stats":
-                    rec.stats = stats_from_vector(payload)
                     batch.append((rec, None))
                 else:
-                    if isinstance(payload, tuple):
-                        payload, sv = payload
-                        rec.stats = stats_from_vector(sv)
-                    if payload.is_cuda:
-                        # Pinned staging (cached by torch's host allocator) copies
-                        # several times faster than pageable memory.
-                        cpu = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
-                        cpu.copy_(payload)
-                    else:
-                        cpu = payload
+                    cpu = self._to_host(payload) if payload.is_cuda else payload
+                    del payload
                     batch.append((rec, cpu))
                     batch_bytes += cpu.numel() * cpu.element_size()
                 if batch_bytes >= _FLUSH_BYTES or self._queue.empty():
