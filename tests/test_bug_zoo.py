@@ -30,16 +30,8 @@ CKPT = ROOT / "checkpoints" / "tiny-gsm8k"
 PROMPTS = [f"Question: {q['question']}\nAnswer:" for q in BUILTIN_QUESTIONS[:2]]
 PRESET = "deepseek_v4"
 
-pytestmark = pytest.mark.skipif(not (CKPT / "config.json").is_file(), reason="tiny checkpoint not committed")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model's small matmuls are much faster on one thread on a shared box.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = [pytest.mark.skipif(not (CKPT / "config.json").is_file(), reason="tiny checkpoint not committed"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,14 +14,6 @@ from reference_models.presets import PRESETS, get_config, preset_kwargs
 from reference_models.synth import CheckpointExistsError, synthesize
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "reference-tiny-fp32-seed0"
-    if not (root / "synth.json").exists():
-        synthesize("tiny", seed=0, out=root, dtype="fp32")
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tiny_ckpt):
     return load_reference(tiny_ckpt, "fp32")

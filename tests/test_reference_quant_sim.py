@@ -9,14 +9,6 @@ from reference_models.quant_sim import quant_sim, quantized_weights
 from reference_models.synth import synthesize
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "reference-tiny-fp32-seed0"
-    if not (root / "synth.json").exists():
-        synthesize("tiny", seed=0, out=root, dtype="fp32")
-    return root
-
-
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
     return load_reference(tiny_ckpt, "fp32")

@@ -6,21 +6,12 @@ import pytest
 import torch
 
 from reference_models.load import load_reference, load_tokenizer
-from reference_models.synth import synthesize
 from runners.reference import main, read_forced_tokens, read_prompts, run_reference
 
 # 45 tokens: past the sliding window (16), several CSA windows (4) and two
 # HCA windows (16); the 12 decode steps close more windows of each.
 PROMPT = list(range(3, 48))
 NEW = 12
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "reference-tiny-fp32-seed0"
-    if not (root / "synth.json").exists():
-        synthesize("tiny", seed=0, out=root, dtype="fp32")
-    return root
 
 
 @pytest.fixture(scope="module")
