@@ -175,7 +175,8 @@ LAYER_FAULTS = [
     ("skip_inverse_rope", "fp32", 0, r"self_attn\.o_a_proj:output"),
     # comb (output.1) of a hyper-connection; layer 0's attn_hc sees four equal
     # streams, whose comb an extra round barely moves, so it may be ffn_hc
-    ("sinkhorn_off_by_one", "fp32", 0, r"(attn|ffn)_hc:output\.1"),
+    # the mix tap is the Sinkhorn's own output (pre | post | comb), recorded before the module's outputs
+    ("sinkhorn_off_by_one", "fp32", 0, r"(attn|ffn)_hc(\.mix:tap|:output\.1)"),
     # the first CSA layer: the indexer's choice flips, the attention reading it fails
     ("indexer_frontier_off_by_one", "fp32", 1, r"self_attn\..*"),
 ]
@@ -213,16 +214,17 @@ def test_clean_bf16_passes_fixed_and_noise_floor(clean_bf16):
 def test_noise_floor_finds_the_precision_fault(tmp_path):
     side = _side(tmp_path, "sinkhorn_bf16", PROMPTS, fault="sinkhorn_bf16", steps=2, precision="bf16", floor=True)
     b = _bisect(side, floor=True)
-    assert (b.layer, b.stage) == (0, "attn_hc:output.1"), b.message
-    row = b.stages[b.stages["stage"] == "attn_hc:output.1"].iloc[0]
+    # attn_hc.mix is the Sinkhorn's output (pre | post | comb): where the bf16 rounding happens
+    assert (b.layer, b.stage) == (0, "attn_hc.mix:tap"), b.message
+    row = b.stages[b.stages["stage"] == "attn_hc.mix:tap"].iloc[0]
     assert row["meaning"] == "error enters here"
     t = b.compare.table
-    worst = t[t["key"] == "model.layers.0.attn_hc:output.1"]
+    worst = t[t["key"] == "model.layers.0.attn_hc.mix:tap"]
     # fp32 arithmetic on the reference's side, bf16 rounding on the engine's
     assert worst["err_ref_floor"].max() < 1e-6 < 1e-3 < worst["err_target_floor"].max()
     r = _cli("layer-bisect", "--ref", str(side.ref), "--target", str(side.target), "--preset", PRESET,
              "--floor", str(side.floor))
-    assert r.exit_code == 1 and "error enters at layer 0, stage attn_hc:output.1" in r.output
+    assert r.exit_code == 1 and "error enters at layer 0, stage attn_hc.mix:tap" in r.output
 
 
 # ---------------------------------------------------------------- slot faults

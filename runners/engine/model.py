@@ -247,7 +247,7 @@ class HyperConnection(nn.Module):
             iters += 1
         pre, post, comb = ops.hc_sinkhorn(streams, self.fn, self.base, self.scale, iters, self.eps,
                                           self.norm_eps)
-        tap(f"{self.name}.mix", comb)
+        tap(f"{self.name}.mix", torch.cat([pre, post, comb.flatten(1)], dim=-1))  # pre | post | comb
         collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
         return post, comb, collapsed
 
