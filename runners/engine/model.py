@@ -348,8 +348,10 @@ class MoE(nn.Module):
     def forward(self, x, ctx: Ctx):
         _, w, ids = self.gate(x, ctx.meta.input_ids)
         cu = ctx.meta.cu_seqlens
-        tap(f"model.layers.{self.layer_idx}.mlp.topk_ids", ids, cu_seqlens=cu)
-        tap(f"model.layers.{self.layer_idx}.mlp.topk_weights", w, cu_seqlens=cu)
+        # Tapped in ascending expert order, as the contract (and the reference) has them.
+        by_id = ids.argsort(dim=-1)
+        tap(f"model.layers.{self.layer_idx}.mlp.topk_ids", ids.gather(-1, by_id), cu_seqlens=cu)
+        tap(f"model.layers.{self.layer_idx}.mlp.topk_weights", w.gather(-1, by_id), cu_seqlens=cu)
         return self.experts(x, ids, w) + self.shared_experts(x)
 
 
