@@ -25,12 +25,22 @@ _COMMAND_MODULES = [
 ]
 
 
+# Packages only some commands need, and the extra that installs them.
+_OPTIONAL = {"transformers": "reference", "tokenizers": "reference", "triton": "gpu"}
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except ParityError as exc:
             click.echo(f"parity: error: {exc}", err=True)
+            ctx.exit(2)
+        except ModuleNotFoundError as exc:
+            if exc.name not in _OPTIONAL:
+                raise
+            click.echo(f"parity: error: this command needs {exc.name}, which is not installed; "
+                       f"install it with: pip install 'parity[{_OPTIONAL[exc.name]}]'", err=True)
             ctx.exit(2)
 
 
