@@ -21,4 +21,5 @@ def test_missing_reference_extra_is_one_clear_message(monkeypatch, tmp_path):
 
     r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo")])
     assert r.exit_code == 2
-    assert "pip install 'parity[reference]'" in r.output and "Traceback" not in r.output
+    assert "'reference' extra" in r.output and "pip install -e '.[reference]'" in r.output
+    assert "Traceback" not in r.output

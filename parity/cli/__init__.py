@@ -39,8 +39,9 @@ class _Group(click.Group):
         except ModuleNotFoundError as exc:
             if exc.name not in _OPTIONAL:
                 raise
-            click.echo(f"parity: error: this command needs {exc.name}, which is not installed; "
-                       f"install it with: pip install 'parity[{_OPTIONAL[exc.name]}]'", err=True)
+            click.echo(f"parity: error: this command needs {exc.name}, which is not installed; install "
+                       f"parity's '{_OPTIONAL[exc.name]}' extra (in a checkout: pip install -e "
+                       f"'.[{_OPTIONAL[exc.name]}]')", err=True)
             ctx.exit(2)
 
 
