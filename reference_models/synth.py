@@ -27,6 +27,7 @@ import torch
 
 from parity import quant
 from parity.errors import ParityError
+from parity.outdir import prepare_out
 from reference_models.presets import PRESETS, get_config
 from reference_models.quant_sim import weight_format
 
@@ -120,14 +121,10 @@ def _plan_shards(entries: dict, dtype: torch.dtype) -> list[list[str]]:
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CheckpointExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise CheckpointExistsError(f"{out} is not empty; pass --force (force=True) to overwrite it")
-        for p in out.glob("model*.safetensors*"):
-            p.unlink()  # stale shards of a bigger checkpoint would otherwise load too
-    out.mkdir(parents=True, exist_ok=True)
+    # Stale shards of a bigger checkpoint would otherwise load too.
+    prepare_out(out, force, lambda name: name.startswith("model") and ".safetensors" in name,
+                label="checkpoint folder",
+                hint="pass --force (force=True) to overwrite it", error=CheckpointExistsError)
 
 
 def synthesize(preset, seed: int = 0, out=None, dtype: str = "bf16", force: bool = False, on_grid: bool = False,

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from parity.errors import ParityError
+from parity.outdir import prepare_out
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 INDEX = "index.json"
@@ -240,15 +240,8 @@ def _engine_run(ckpt, dump: Path, prompt_ids, *, precision, max_new_tokens, faul
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ParityError(f"--out {out} is a file")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ParityError(f"--out {out} is not empty (give --force to replace the runs in it)")
-        for child in out.iterdir():
-            if child.name in _OWNED or child.name.startswith("solo-"):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, force, lambda name: name in _OWNED or name.startswith("solo-"),
+                hint="give --force to replace the runs in it")
 
 
 def _batch_of(n_prompts: int, slots: int | None) -> list[int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import click
 
 from parity.cli import cli
 from parity.errors import ParityError
+from parity.outdir import prepare_out as _prepare_out
 
 DEFAULT_OUT = "parity-demo"
 DEFAULT_CKPT = "checkpoints/tiny-gsm8k"
@@ -133,18 +133,8 @@ def choose_precision(fault: str | None, precision: str | None) -> str:
 
 
 def prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ParityError(f"--out {out} is a file")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ParityError(f"--out {out} is not empty; give --force to replace a previous demo's files in it")
-        for name in _OWNED:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, force, lambda name: name in _OWNED,
+                 hint="give --force to replace a previous demo's files in it")
 
 
 # ---------------------------------------------------------------- verdicts
