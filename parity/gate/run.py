@@ -20,7 +20,7 @@ import pandas as pd
 from parity.errors import ParityError
 from parity.gate import stats
 from parity.gate.extract import FILTERS, SHORT, normalize, score, target_answer, truncate_at_stop
-from parity.gate.task import LM_EVAL_VERSION_CHECKED, TASK_NAME, TASK_VERSION, UNTIL, GateTask, prompt_hash
+from parity.gate.task import LM_EVAL_VERSION_CHECKED, TASK_NAME, TASK_VERSION, UNTIL, GateTask, iter_jsonl, prompt_hash
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -165,39 +165,27 @@ def load_samples(path: str | Path) -> pd.DataFrame:
     """Per-question records from a gate out dir, a gate samples.jsonl, or an
     lm-eval samples_*.jsonl (re-scored with our filters)."""
     p = _samples_path(path)
-    first = None
-    with open(p, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ParityError(f"{p} is not jsonl: {exc.msg}") from None
-                break
-    if first is None:
+    lines = list(iter_jsonl(p))
+    if not lines:
         raise ParityError(f"{p} holds no records")
+    first = lines[0][1]
     if isinstance(first, dict) and "filter" in first and "doc" in first:
         from parity.gate.clients import _parse_samples
 
         df, _ = records_from_lm_eval(_parse_samples(p))
         return df
     rows = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ParityError(f"{p}:{lineno} is not JSON: {exc.msg}") from None
-            # A published baseline may leave the GSM8K text out (target and
-            # question); its stored correctness is then what it claims.
-            needed = ("doc_id", "generation") if {"correct_strict", "correct_flexible"} <= r.keys() \
-                else ("doc_id", "generation", "target")
-            missing = [c for c in needed if c not in r]
-            if missing:
-                raise ParityError(f"{p}:{lineno} is not a gate record (missing {', '.join(missing)})")
-            rows.append(r)
+    for lineno, r in lines:
+        if not isinstance(r, dict):
+            raise ParityError(f"{p}:{lineno} is not a gate record (not a JSON object)")
+        # A published baseline may leave the GSM8K text out (target and
+        # question); its stored correctness is then what it claims.
+        needed = ("doc_id", "generation") if {"correct_strict", "correct_flexible"} <= r.keys() \
+            else ("doc_id", "generation", "target")
+        missing = [c for c in needed if c not in r]
+        if missing:
+            raise ParityError(f"{p}:{lineno} is not a gate record (missing {', '.join(missing)})")
+        rows.append(r)
     df = pd.DataFrame(rows)
     for c in RECORD_COLUMNS:
         if c not in df.columns:

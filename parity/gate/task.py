@@ -44,24 +44,31 @@ def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
+def iter_jsonl(path: Path, what: str | None = None):
+    """(line number, object) for every non-blank line of a jsonl file; a
+    line that is not JSON is one clear error naming the file and line."""
+    prefix = f"{what}: " if what else ""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ParityError(f"{prefix}{path}:{lineno} is not JSON: {exc.msg}") from None
+
+
 def load_docs(path: str | Path, what: str = "GSM8K data") -> list[dict]:
     """Read a GSM8K jsonl split (one {"question", "answer"} object per line)."""
     p = Path(path)
     if not p.is_file():
         raise ParityError(f"{what}: {p} does not exist")
     docs = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ParityError(f"{what}: {p}:{lineno} is not JSON: {exc.msg}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("question"), str) \
-                    or not isinstance(doc.get("answer"), str):
-                raise ParityError(f"{what}: {p}:{lineno} needs string fields 'question' and 'answer'")
-            docs.append({"question": doc["question"], "answer": doc["answer"]})
+    for lineno, doc in iter_jsonl(p, what):
+        if not isinstance(doc, dict) or not isinstance(doc.get("question"), str) \
+                or not isinstance(doc.get("answer"), str):
+            raise ParityError(f"{what}: {p}:{lineno} needs string fields 'question' and 'answer'")
+        docs.append({"question": doc["question"], "answer": doc["answer"]})
     if not docs:
         raise ParityError(f"{what}: {p} holds no documents")
     return docs
