@@ -11,6 +11,7 @@ Measures, on a residual MLP stack (the shape of a transformer's FFN path):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from parity import capture
+from parity.capture import session
+from parity.store import stats_cuda
 from parity.config import CaptureConfig
 
 
@@ -64,6 +67,58 @@ def time_forward(model, x, device, iters, handle=None):
     return statistics.median(times)
 
 
+def plain_write(base, payload, iters, file_bytes):
+    t0 = time.perf_counter()
+    view = memoryview(payload)
+    k = 0
+    for _ in range(iters):
+        for start in range(0, len(view), file_bytes):
+            with open(os.path.join(base, f"plain{k}.bin"), "wb") as fh:
+                fh.write(view[start:start + file_bytes])
+                fh.flush()
+                os.fsync(fh.fileno())
+            k += 1
+    t = time.perf_counter() - t0
+    for i in range(k):
+        os.remove(os.path.join(base, f"plain{i}.bin"))
+    return t
+
+
+class Clock:
+    """Where the writer thread's time goes: device-to-host copies, hashing,
+    file writes and fsyncs (wall time inside each call)."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, name, fn):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - t
+                self.calls[name] = self.calls.get(name, 0) + 1
+        return timed
+
+    @contextlib.contextmanager
+    def watching(self, handle):
+        sess = handle._session
+        saved = (os.fsync, sess._to_host, sess.writer._write_shard, sess.writer.append_manifest)
+        os.fsync = self.wrap("fsync", os.fsync)
+        sess._to_host = self.wrap("device-to-host", sess._to_host)
+        sess.writer._write_shard = self.wrap("shard (write+fsync+rename)", sess.writer._write_shard)
+        sess.writer.append_manifest = self.wrap("manifest", sess.writer.append_manifest)
+        try:
+            yield
+        finally:
+            os.fsync = saved[0]
+
+    def report(self):
+        return ", ".join(f"{k} {v:.2f} s/{self.calls[k]}" for k, v in self.spent.items())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,6 +127,8 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--flush-mb", type=lambda v: [int(x) for x in v.split(",")], default=[session._FLUSH_BYTES >> 20],
+                    help="shard sizes (MB, comma-separated) the writer batches up to in full mode")
     ap.add_argument("--dir", default=None, help="where to write dumps (default: a temp dir)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -85,7 +142,7 @@ def main():
 
     time_forward(model, x, dev, 3)
     # Interleave the variants so drift (thermal, other load) hits them alike.
-    t_none, t_filtered, t_stats = [], [], []
+    t_none, t_filtered, t_stats, t_stats_torch = [], [], [], []
     h_f = None
     for rep in range(3):
         t_none.append(time_forward(model, x, dev, args.iters))
@@ -97,37 +154,54 @@ def main():
                                                    mode="stats", calls=None))
         t_stats.append(time_forward(model, x, dev, args.iters, h_s))
         h_s.close()
+        if dev == "cuda":  # the same with summaries in torch ops instead of the one-pass kernel
+            saved, stats_cuda.stats_vector_cuda = stats_cuda.stats_vector_cuda, lambda t: None
+            h_s = capture.install(model, CaptureConfig(dump_dir=os.path.join(base, f"st{rep}"),
+                                                       classes=frozenset({"Block"}), mode="stats", calls=None))
+            t_stats_torch.append(time_forward(model, x, dev, args.iters, h_s))
+            h_s.close()
+            stats_cuda.stats_vector_cuda = saved
     none, filt, stats = min(t_none), min(t_filtered), min(t_stats)
     print(f"forward, no capture:            {none * 1e3:8.3f} ms")
     print(f"forward, installed+filtered:    {filt * 1e3:8.3f} ms  ({(filt / none - 1) * 100:+.2f}%)")
     print(f"forward, stats on {args.layers} blocks:    {stats * 1e3:8.3f} ms  ({(stats / none - 1) * 100:+.2f}%)")
+    if t_stats_torch:
+        st = min(t_stats_torch)
+        print(f"  same, summaries in torch ops: {st * 1e3:8.3f} ms  ({(st / none - 1) * 100:+.2f}%)")
+
+    nbytes = args.iters * args.layers * x.numel() * x.element_size()
+    mb = nbytes / 1e6
+    t_fwd_only = none * args.iters
+    # The same bytes through a plain write (+fsync, the same durability): one
+    # file per forward, and again in files of each shard size.
+    payload = torch.randn(args.layers * x.numel(), dtype=torch.float32).to(dtype).view(torch.uint8).numpy()
+    t_plain = plain_write(base, payload, args.iters, len(payload))
+    print(f"plain write+fsync, one file per forward: {t_plain:.2f} s -> {mb / t_plain:.0f} MB/s")
+    for flush_mb in args.flush_mb:
+        t_chunks = plain_write(base, payload, args.iters, flush_mb << 20)
+        print(f"plain write+fsync in {flush_mb} MB files:  {t_chunks:.2f} s -> {mb / t_chunks:.0f} MB/s")
 
     # Full mode: every block output of `iters` forwards, until on disk.
-    h = capture.install(model, CaptureConfig(dump_dir=os.path.join(base, "full"), classes=frozenset({"Block"}),
-                                             calls=None))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(args.iters):
-            h.set_context(phase="prefill", step=i)
-            model(x)
-    h.close()
-    t_full = time.perf_counter() - t0
-    nbytes = args.iters * args.layers * x.numel() * x.element_size()
-    # The same bytes through a plain write (+fsync, the same durability), in shards of similar size.
-    payload = torch.randn(args.layers * x.numel(), dtype=torch.float32).to(dtype).view(torch.uint8).numpy()
-    t0 = time.perf_counter()
-    t_fwd_only = none * args.iters
-    for i in range(args.iters):
-        with open(os.path.join(base, f"plain{i}.bin"), "wb") as fh:
-            fh.write(memoryview(payload))
-            fh.flush()
-            os.fsync(fh.fileno())
-    t_plain = time.perf_counter() - t0
-    mb = nbytes / 1e6
-    print(f"full mode: {mb:.0f} MB in {t_full:.2f} s incl. {t_fwd_only:.2f} s of forward "
-          f"-> {mb / t_full:.0f} MB/s end to end, {mb / max(t_full - t_fwd_only, 1e-9):.0f} MB/s beyond the forward")
-    print(f"plain write+fsync of the same bytes: {t_plain:.2f} s -> {mb / t_plain:.0f} MB/s")
-    print(f"capture write throughput / plain: {(t_plain / max(t_full - t_fwd_only, 1e-9)) * 100:.0f}%")
+    for flush_mb in args.flush_mb:
+        session._FLUSH_BYTES = flush_mb << 20
+        clock = Clock()
+        h = capture.install(model, CaptureConfig(dump_dir=os.path.join(base, f"full{flush_mb}"),
+                                                 classes=frozenset({"Block"}), calls=None))
+        t0 = time.perf_counter()
+        with clock.watching(h), torch.no_grad():
+            for i in range(args.iters):
+                h.set_context(phase="prefill", step=i)
+                model(x)
+            t_host = time.perf_counter() - t0
+            h.close()
+        t_full = time.perf_counter() - t0
+        shards = len([f for f in os.listdir(os.path.join(base, f"full{flush_mb}", "rank0")) if f.endswith(".safetensors")])
+        print(f"full mode, shards up to {flush_mb} MB: {mb:.0f} MB in {t_full:.2f} s ({shards} shards; the forwards "
+              f"returned after {t_host:.2f} s, {t_fwd_only:.2f} s without capture) -> {mb / t_full:.0f} MB/s end to end, "
+              f"{mb / max(t_full - t_fwd_only, 1e-9):.0f} MB/s beyond the forward")
+        print(f"  writer thread: {clock.report()}")
+        print(f"  capture write throughput / plain: {(t_plain / max(t_full - t_fwd_only, 1e-9)) * 100:.0f}%")
+        shutil.rmtree(os.path.join(base, f"full{flush_mb}"), ignore_errors=True)
     shutil.rmtree(base, ignore_errors=True)
 
 

@@ -1,6 +1,7 @@
 import dataclasses
 import errno
 import os
+import time
 
 import pytest
 import torch
@@ -215,6 +216,29 @@ def test_disk_full_keeps_model_running_and_turns_capture_off(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err.count("capture failed") == 1 and "No space left" in err
     assert state.session is None
+
+
+def test_records_reach_the_disk_in_groups_without_flush(tmp_path):
+    """Group commit: a stream of records costs one shard and one manifest
+    fsync per group, yet nothing waits for close() to become durable."""
+    from parity.capture import session as session_mod
+    from parity.store import writer as writer_mod
+
+    shards = []
+    real = writer_mod.DumpWriter._write_shard
+    model = Toy()
+    x = torch.randn(2, 5, 8)
+    h = capture.install(model, CaptureConfig(dump_dir=str(tmp_path / "d"), classes=frozenset({"Block"}), calls=None))
+    h._session.writer._write_shard = lambda items: (shards.append(len(items)), real(h._session.writer, items))
+    for step in range(5):
+        h.set_context(step=step)
+        model(x)
+    deadline = time.monotonic() + 20 * session_mod._MAX_DELAY_S
+    while len(open_dump(str(tmp_path / "d")).records()) < 40 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(open_dump(str(tmp_path / "d")).records()) == 40  # 4 blocks + 4 taps, 5 forwards
+    assert sum(shards) == 40 and len(shards) < 40
+    h.close()
 
 
 def test_hook_exception_never_reaches_host(tmp_path, monkeypatch, capsys):

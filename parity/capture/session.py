@@ -12,6 +12,7 @@ import queue
 import re
 import sys
 import threading
+import time
 
 import torch
 
@@ -23,7 +24,17 @@ from parity.store.writer import DumpWriter
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 _FLUSH_BYTES = 64 << 20
+# CUDA records wait in the hook's thread until this many (or this many bytes
+# of copies) are held, or the context changes, then travel as one group.
+_GROUP_RECORDS = 64
+_GROUP_BYTES = 256 << 20
+# Small CUDA records are copied side by side into one buffer of this size.
+_ARENA_BYTES = 4 << 20
 _STOP = object()
+_FLUSH = object()
+# A record reaches the disk at most this long after the writer took it
+# (sooner when 64 MB are waiting, or on flush() / close()).
+_MAX_DELAY_S = 0.25
 
 
 def layer_from_path(path: str) -> int | None:
@@ -52,8 +63,17 @@ class CaptureSession:
         self.bytes_queued = 0
         self._tap_calls: dict[str, list[int]] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
-        self._copy_stream = None
+        # The bound counts records, not queue items: a group of CUDA records
+        # takes one slot per record, so PARITY_DUMP_QUEUE keeps its meaning.
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(config.queue_size)
+        self._group_records = max(1, min(_GROUP_RECORDS, config.queue_size))
+        self._copy_streams: dict = {}
+        self._pending: list = []
+        self._pending_device = None
+        self._arena: torch.Tensor | None = None
+        self._arena_used = 0
+        self._pending_bytes = 0
         self._thread = threading.Thread(target=self._drain, name="parity-writer", daemon=True)
         self._thread.start()
         self.users = 0
@@ -65,6 +85,7 @@ class CaptureSession:
             self.errors += 1
             first = self.active
             self.active = False
+            self._pending = []  # held device copies are freed, not written
             if _tap_state.session is self:
                 _tap_state.session = None
         if first:
@@ -82,6 +103,8 @@ class CaptureSession:
 
     # ---- context ----------------------------------------------------------
     def set_context(self, phase=None, step=None, **meta) -> None:
+        if self._pending:
+            self._ship_held()
         self.context = {"phase": phase, "step": step, "meta": _plain(meta)}
         self.generation += 1
         self._tap_calls.clear()
@@ -128,6 +151,8 @@ class CaptureSession:
         rec = Record(key=f"{module}:{stage}", module=module, stage=stage, cls=cls, layer=layer, call=call,
                      phase=ctx["phase"], step=ctx["step"], rank=cfg.rank, world_size=cfg.world_size,
                      shape=list(t.shape), dtype=dtype_name(t.dtype), meta=meta)
+        if self._pending and t.is_cuda and t.device != self._pending_device:
+            self._ship_pending()  # one group, one device
         payload = summary = None
         if cfg.mode == "stats":
             rec.kind = "stats"
@@ -139,36 +164,75 @@ class CaptureSession:
                 return
             self.bytes_queued += nbytes
             # A copy, never an alias: the host may mutate the tensor in place later.
-            payload = t.clone(memory_format=torch.contiguous_format)
+            if t.is_cuda and nbytes <= _ARENA_BYTES // 4:
+                payload = self._arena_copy(t, nbytes)
+            else:
+                payload = t.clone(memory_format=torch.contiguous_format)
             if t.is_cuda:
                 # Summaries are nearly free on the GPU and slow on the writer's CPU.
                 summary = stats_vector(t)
-        event = None
-        if t.is_cuda:
-            # The summary travels to pinned host memory on the model's stream,
-            # without a sync; the writer waits on the event, never on the
-            # stream, so it cannot stall the host while the forward runs.
-            host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
-            host.copy_(summary, non_blocking=True)
-            summary = host
-            event = torch.cuda.Event()
-            event.record()
         with self._lock:
             if not self.active:
                 return
             rec.seq = self.writer.next_seq()
-        self._queue.put((rec, payload, summary, event))
+        if t.is_cuda:
+            self._pending_device = t.device
+            self._pending.append((rec, payload, summary))
+            self._pending_bytes += 0 if payload is None else nbytes
+            if len(self._pending) >= self._group_records or self._pending_bytes >= _GROUP_BYTES:
+                self._ship_pending()
+        else:
+            if self._pending:
+                self._ship_pending()  # keep the queue in record order
+            self._slots.acquire()
+            self._queue.put(([(rec, payload, summary)], None, None))
+
+    def _ship_pending(self) -> None:
+        """Hand the held CUDA records to the writer as one group: their
+        summaries go to pinned host memory in one non-blocking copy on the
+        model's stream, behind one event. The writer waits on the event, never
+        on the stream, so it cannot stall the host while the forward runs, and
+        it wakes once per group rather than once per record."""
+        items, self._pending, self._pending_bytes = self._pending, [], 0
+        arena = None if self._arena is None else self._arena[:self._arena_used]
+        self._arena, self._arena_used = None, 0
+        if not items or self.errors:
+            return
+        sums = torch.stack([summary for _, _, summary in items])
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(sums.device))
+        for _ in items:
+            self._slots.acquire()
+        self._queue.put(([(rec, payload, host[i]) for i, (rec, payload, _) in enumerate(items)], event, arena))
+
+    def _arena_copy(self, t: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """Copy a small CUDA tensor into the current group's arena, so the
+        writer brings the whole group to the host in one transfer instead of
+        one pinned allocation, copy and sync per record."""
+        off = (self._arena_used + 15) & ~15
+        if self._arena is None or off + nbytes > self._arena.numel():
+            if self._arena is not None:
+                self._ship_pending()  # the arena travels with its group
+            self._arena = torch.empty(_ARENA_BYTES, dtype=torch.uint8, device=t.device)
+            off = 0
+        self._arena_used = off + nbytes
+        dst = self._arena[off:off + nbytes].view(t.dtype).view(t.shape)
+        dst.copy_(t)
+        return dst
 
     # ---- writer thread ----------------------------------------------------
     def _to_host(self, payload: torch.Tensor) -> torch.Tensor:
         """Copy a device tensor to pinned host memory on a side stream, so the
         copy neither queues behind the model's kernels nor holds them up."""
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(device=payload.device)
+        stream = self._copy_streams.get(payload.device)
+        if stream is None:
+            stream = self._copy_streams[payload.device] = torch.cuda.Stream(device=payload.device)
         cpu = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.stream(stream):
             cpu.copy_(payload, non_blocking=True)
-        self._copy_stream.synchronize()
+        stream.synchronize()
         return cpu
 
     def _drain(self) -> None:
@@ -178,43 +242,82 @@ class CaptureSession:
         torch.set_num_threads(1)
         batch: list = []
         batch_bytes = 0
+        due = None  # when the oldest unwritten record must be on disk
         while True:
-            item = self._queue.get()
             try:
-                if item is _STOP:
+                item = self._queue.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
+                taken = True
+            except queue.Empty:
+                item, taken = _FLUSH, False
+            slots = len(item[0]) if isinstance(item, tuple) else 0
+            try:
+                if item is _STOP or item is _FLUSH:
                     if batch and self.errors == 0:
                         self.writer.write_batch(batch)
-                    return
+                    batch, batch_bytes, due = [], 0, None
+                    if item is _STOP:
+                        return
+                    continue
                 if self.errors:
                     continue  # failed: keep draining so the host never blocks
-                rec, payload, summary, event = item
+                group, event, arena = item
                 if event is not None:
-                    event.synchronize()  # the clone and the summary are done
-                if summary is not None:
-                    rec.stats = stats_from_vector(summary)
-                if rec.kind == "stats":
-                    batch.append((rec, None))
-                else:
-                    cpu = self._to_host(payload) if payload.is_cuda else payload
-                    del payload
+                    event.synchronize()  # the clones and the summaries are done
+                host_arena = None if arena is None else self._to_host(arena)
+                for rec, payload, summary in group:
+                    if summary is not None:
+                        rec.stats = stats_from_vector(summary)
+                    if rec.kind == "stats":
+                        batch.append((rec, None))
+                        continue
+                    if host_arena is not None and payload.is_cuda and \
+                            payload.untyped_storage().data_ptr() == arena.data_ptr():
+                        start = payload.data_ptr() - arena.data_ptr()
+                        cpu = host_arena[start:start + payload.numel() * payload.element_size()]
+                        cpu = cpu.view(payload.dtype).view(payload.shape)
+                    elif payload.is_cuda:
+                        cpu = self._to_host(payload)
+                    else:
+                        cpu = payload
                     batch.append((rec, cpu))
                     batch_bytes += cpu.numel() * cpu.element_size()
-                if batch_bytes >= _FLUSH_BYTES or self._queue.empty():
-                    self.writer.write_batch(batch)
-                    batch, batch_bytes = [], 0
+                    if batch_bytes >= _FLUSH_BYTES:
+                        self.writer.write_batch(batch)
+                        batch, batch_bytes = [], 0
+                item = group = payload = arena = None  # let the device copies go now
+                # Group commit: one shard and one fsync'd manifest append per
+                # _MAX_DELAY_S, not per record, so a stream of small records
+                # costs the host neither fsyncs nor the writer's GIL time.
+                if not batch:
+                    due = None
+                elif due is None:
+                    due = time.monotonic() + _MAX_DELAY_S
             except Exception as exc:  # noqa: BLE001 - disk full, permissions, ...
-                batch, batch_bytes = [], 0
+                batch, batch_bytes, due = [], 0, None
                 self.fail(exc, "writing the dump")
             finally:
-                self._queue.task_done()
+                for _ in range(slots):
+                    self._slots.release()
+                if taken:
+                    self._queue.task_done()
 
     def flush(self) -> None:
         """Wait until everything recorded so far is on disk."""
         if self._thread.is_alive():
+            self._ship_held()
+            self._queue.put(_FLUSH)
             self._queue.join()
+
+    def _ship_held(self) -> None:
+        try:
+            self._ship_pending()
+        except Exception as exc:  # noqa: BLE001
+            self._pending = []
+            self.fail(exc, "handing records to the writer")
 
     def close(self) -> None:
         if self._thread.is_alive():
+            self._ship_held()
             self._queue.put(_STOP)
             self._thread.join()
         with self._lock:

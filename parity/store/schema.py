@@ -71,7 +71,9 @@ class Record:
     seq: int = 0                   # execution order within the rank
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"), allow_nan=True)
+        # vars(), not dataclasses.asdict(): the fields are already plain JSON
+        # values, and asdict's deep copy is the bulk of a manifest line's cost.
+        return json.dumps(vars(self), separators=(",", ":"), allow_nan=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Record":

@@ -17,7 +17,18 @@ _NATIVE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def stats_vector(t: torch.Tensor) -> torch.Tensor:
     """[absmax, sum, sumsq, nan, inf, n_finite] as a float64 tensor on t's
-    device. Kept as a tensor so the caller can defer the host sync.
+    device. Kept as a tensor so the caller can defer the host sync."""
+    if t.is_cuda:
+        # Imported here: triton's import is slow and only CUDA tensors need it.
+        from parity.store.stats_cuda import stats_vector_cuda
+        v = stats_vector_cuda(t)
+        if v is not None:
+            return v
+    return stats_vector_torch(t)
+
+
+def stats_vector_torch(t: torch.Tensor) -> torch.Tensor:
+    """``stats_vector`` in plain torch ops, on any device.
 
     Each chunk costs a handful of passes in the tensor's own dtype; only the
     sums accumulate in float64, so no float64 copy of the data is made."""
