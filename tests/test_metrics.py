@@ -245,6 +245,30 @@ def test_summary_stats():
     assert summary_stats(torch.tensor([[1, -4], [2, 3]]).t())["absmax"] == 4.0
 
 
+@pytest.mark.parametrize("x", [
+    torch.randn(3, (1 << 18) + 7, generator=torch.Generator().manual_seed(1)).bfloat16(),  # several blocks
+    torch.randn(1000, generator=torch.Generator().manual_seed(2)) * 1e30,
+    torch.arange(-5, 10), torch.tensor([True, False, True]), torch.tensor(2.5, dtype=torch.float16),
+    torch.randn(6, 4, generator=torch.Generator().manual_seed(3)).t()])
+def test_cpu_fast_summary_matches_the_general_path(x):
+    from parity.store.stats import stats_vector_cpu, stats_vector_torch
+
+    fast, ref = stats_vector_cpu(x), stats_vector_torch(x)
+    assert fast is not None
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=0.0)
+
+
+def test_cpu_fast_summary_hands_non_finite_to_the_general_path():
+    from parity.store.stats import stats_vector_cpu
+
+    for bad in (NAN, INF, -INF):
+        x = torch.ones(1 << 19)
+        x[(1 << 18) + 3] = bad  # in the second block
+        assert stats_vector_cpu(x) is None
+    big = torch.tensor([1e200, 1.0], dtype=torch.float64)  # its square overflows float64
+    assert stats_vector_cpu(big) is None
+
+
 def test_block_workers_are_deterministic_and_leave_torch_threads_alone():
     g = torch.Generator().manual_seed(7)
     n = 3 * (1 << 18) + 11                                    # four blocks, the last one short

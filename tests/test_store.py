@@ -135,3 +135,13 @@ def test_prepare_new_subfolder_numbering(tmp_path):
     os.makedirs(a, exist_ok=True)
     b = prepare_run_dir(str(root), "new")
     assert a.endswith("run-001") and b.endswith("run-002")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2047, 2048, 70_001, (256 << 10) + 1])
+def test_content_hash_is_sha256_of_the_bytes_at_every_size(n):
+    import hashlib
+
+    from parity.store.writer import content_hash, tensor_bytes
+
+    t = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert content_hash(tensor_bytes(t)) == "sha256:" + hashlib.sha256(t.numpy().tobytes()).hexdigest()[:32]

@@ -279,6 +279,7 @@ class CaptureSession:
                         cpu = self._to_host(payload)
                     else:
                         cpu = payload
+                    self.writer.digest_soon(rec, cpu)
                     batch.append((rec, cpu))
                     batch_bytes += cpu.numel() * cpu.element_size()
                     if batch_bytes >= _FLUSH_BYTES:
@@ -294,6 +295,7 @@ class CaptureSession:
                     due = time.monotonic() + _MAX_DELAY_S
             except Exception as exc:  # noqa: BLE001 - disk full, permissions, ...
                 batch, batch_bytes, due = [], 0, None
+                self.writer.drop_early()
                 self.fail(exc, "writing the dump")
             finally:
                 for _ in range(slots):

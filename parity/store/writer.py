@@ -23,6 +23,8 @@ from parity.store.stats import tensor_stats
 from parity.store.schema import FORMAT_VERSION, MANIFEST, RUN_FILE, Record, dtype_name, st_code
 
 _POOL_HASH_BYTES = 1 << 20
+_KEEP_GIL_BYTES = 256 << 10
+_GIL_FREE_PIECE = 2047  # hashlib keeps the GIL below 2048 bytes
 _SHARD_RE = re.compile(r"^shard-\d{6}\.safetensors$")
 
 
@@ -98,7 +100,21 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def content_hash(buf: memoryview) -> str:
-    return "sha256:" + hashlib.sha256(buf).hexdigest()[:32]
+    if buf.nbytes >= _KEEP_GIL_BYTES:
+        return "sha256:" + hashlib.sha256(buf).hexdigest()[:32]
+    # hashlib lets the GIL go for any update of 2 KB or more, and getting it
+    # back while the model's thread runs Python can take a whole switch
+    # interval (5 ms). For a small buffer that wait dwarfs the hash itself,
+    # so feed it in pieces small enough to keep the GIL.
+    h = hashlib.sha256()
+    flat = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+    for start in range(0, flat.nbytes, _GIL_FREE_PIECE):
+        h.update(flat[start:start + _GIL_FREE_PIECE])
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _digest(t: torch.Tensor, stats: dict | None, buf: memoryview) -> tuple[str, dict]:
+    return content_hash(buf), stats or tensor_stats(t)
 
 
 class DumpWriter:
@@ -113,6 +129,7 @@ class DumpWriter:
         self.fsync = fsync
         self._shard_no = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._early: dict[int, tuple] = {}
         self._seq = 0
         self.bytes_written = 0
         self.records_written = 0
@@ -149,6 +166,17 @@ class DumpWriter:
         self._seq += 1
         return s
 
+    def digest_soon(self, rec: Record, t: torch.Tensor) -> None:
+        """Start hashing (and summarising) a large CPU tensor now, in the pool,
+        so the work overlaps the previous shard's write and fsync instead of
+        waiting for this tensor's own shard."""
+        if t.numel() * t.element_size() >= _POOL_HASH_BYTES:
+            self._early[id(t)] = (t, self._hash_pool().submit(_digest, t, rec.stats, tensor_bytes(t)))
+
+    def drop_early(self) -> None:
+        """Forget digests started for tensors that will not be written."""
+        self._early.clear()
+
     def write_batch(self, items: list[tuple[Record, torch.Tensor | None]]) -> None:
         """Write the tensors of ``items`` (CPU tensors; None for a stats-only
         record) as one shard, then every record's manifest line, in order."""
@@ -162,8 +190,6 @@ class DumpWriter:
         name = f"shard-{self._shard_no:06d}.safetensors"
         bufs, header, offset = [], {}, 0
         for rec, t in items:
-            if not rec.stats:
-                rec.stats = tensor_stats(t)
             buf = tensor_bytes(t)
             rec.tensor = f"t{rec.seq:07d}"
             rec.file = name
@@ -176,11 +202,19 @@ class DumpWriter:
         header["__metadata__"] = {"format": "pt", "parity_format": str(FORMAT_VERSION)}
         hjson = json.dumps(header, separators=(",", ":")).encode()
         hjson += b" " * (-len(hjson) % 8)
-        # Hashing runs beside the write (hashlib releases the GIL): at about
-        # 1.5 GB/s per core it would otherwise halve the write throughput.
-        # Small buffers are hashed inline: handing them to a thread costs more.
-        futures = [self._hash_pool().submit(content_hash, b) if b.nbytes >= _POOL_HASH_BYTES else None
-                   for b in bufs]
+        # Hashes (and summaries not made on the device) run beside the write:
+        # hashlib releases the GIL, and at about 1.5 GB/s per core sha256
+        # would otherwise more than halve the write throughput. Small
+        # buffers are done inline: handing them to a thread costs more.
+        futures = []
+        for (rec, t), buf in zip(items, bufs):
+            early = self._early.pop(id(t), None)
+            if early is not None and early[0] is t:
+                futures.append(early[1])
+            elif buf.nbytes >= _POOL_HASH_BYTES:
+                futures.append(self._hash_pool().submit(_digest, t, rec.stats, buf))
+            else:
+                futures.append(None)
         tmp = os.path.join(self.dir, f".shard-{self._shard_no:06d}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(len(hjson).to_bytes(8, "little"))
@@ -193,14 +227,15 @@ class DumpWriter:
         os.replace(tmp, os.path.join(self.dir, name))
         if self.fsync:
             _fsync_dir(self.dir)
-        for (rec, _), buf, fut in zip(items, bufs, futures):
-            rec.hash = fut.result() if fut is not None else content_hash(buf)
+        for (rec, t), buf, fut in zip(items, bufs, futures):
+            rec.hash, rec.stats = fut.result() if fut is not None else _digest(t, rec.stats, buf)
         self.bytes_written += offset
 
     def _hash_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)),
-                                            thread_name_prefix="parity-hash")
+            # One torch thread per worker: the workers are the parallelism.
+            self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="parity-hash",
+                                            initializer=torch.set_num_threads, initargs=(1,))
         return self._pool
 
     def append_manifest(self, records: list[Record]) -> None:
