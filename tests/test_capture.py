@@ -241,6 +241,28 @@ def test_records_reach_the_disk_in_groups_without_flush(tmp_path):
     h.close()
 
 
+def test_records_made_during_cuda_graph_capture_are_skipped_once_said(tmp_path, monkeypatch, capsys):
+    from parity.capture import session as session_mod
+
+    in_graph = [True]
+    monkeypatch.setattr(session_mod, "_capturing_graph", lambda t: in_graph[0])
+    model = Toy()
+    x = torch.randn(2, 5, 8)
+    ref = model(x)
+    h = capture.install(model, CaptureConfig(dump_dir=str(tmp_path / "d"), calls=None))
+    assert torch.equal(model(x), ref) and torch.equal(model(x), ref)   # "inside a graph capture"
+    in_graph[0] = False
+    h.set_context(step=1)
+    assert torch.equal(model(x), ref)                                    # eager again
+    assert h.enabled
+    h.close()
+    err = capsys.readouterr().err
+    assert err.count("while a CUDA graph was being captured") == 1 and "eager" in err
+    recs = open_dump(str(tmp_path / "d")).records()
+    # one eager forward: every module (4 x norm, proj, block; the head; the model) and 4 taps
+    assert len(recs) == 18 and {r.step for r in recs} == {1}
+
+
 def test_hook_exception_never_reaches_host(tmp_path, monkeypatch, capsys):
     from parity.capture import session as session_mod
 

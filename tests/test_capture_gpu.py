@@ -125,3 +125,49 @@ def test_small_and_large_cuda_records_round_trip_through_the_arena(tmp_path):
     for key, ref in expected.items():
         got = dump.load(recs[key], verify=True)
         assert got.dtype == ref.dtype and got.shape == ref.shape and torch.equal(got, ref.cpu()), key
+
+
+def test_cuda_graph_capture_is_skipped_and_replays_leave_no_records(tmp_path, capsys):
+    model = _model()
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    h = capture.install(model, CaptureConfig(dump_dir=str(tmp_path / "d"), classes=frozenset({"Sequential"}),
+                                             calls=None))
+    with torch.no_grad():
+        eager = model(x).clone()                       # recorded
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(x)                                   # warm-up, eager on a side stream: recorded
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = model(x)                               # captured into the graph: skipped
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(y, eager) and h.enabled
+    h.close()
+    assert capsys.readouterr().err.count("while a CUDA graph was being captured") == 1
+    assert len(open_dump(str(tmp_path / "d")).records()) == 2
+
+
+def test_records_taken_on_two_busy_streams_hold_their_own_values(tmp_path):
+    import parity
+
+    h = capture.install(torch.nn.Identity(), CaptureConfig(dump_dir=str(tmp_path / "d"), calls=None))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for i in range(6):
+        with torch.cuda.stream(streams[i % 2]):
+            torch.cuda._sleep(2_000_000)  # the stream is still busy when the record is taken
+            small = torch.full((64, 64), float(i + 1), device="cuda")         # via the arena
+            large = torch.full((1 << 19,), float(-i - 1), device="cuda")      # its own copy
+            parity.tap(f"small{i}", small)
+            parity.tap(f"large{i}", large)
+    torch.cuda.synchronize()
+    h.close()
+    dump = open_dump(str(tmp_path / "d"))
+    recs = {r.key: r for r in dump.records()}
+    for i in range(6):
+        for key, value in ((f"small{i}:tap", i + 1.0), (f"large{i}:tap", -i - 1.0)):
+            r = recs[key]
+            assert r.stats["absmax"] == abs(value) and r.stats["mean"] == value, key
+            assert bool((dump.load(r) == value).all()), key

@@ -61,6 +61,7 @@ class CaptureSession:
         self.context: dict = {"phase": None, "step": None, "meta": {}}
         self.generation = 0          # bumps on every context change; resets call counters
         self.bytes_queued = 0
+        self.skipped_in_graph = 0
         self._tap_calls: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         # The bound counts records, not queue items: a group of CUDA records
@@ -70,7 +71,7 @@ class CaptureSession:
         self._group_records = max(1, min(_GROUP_RECORDS, config.queue_size))
         self._copy_streams: dict = {}
         self._pending: list = []
-        self._pending_device = None
+        self._pending_stream = None
         self._arena: torch.Tensor | None = None
         self._arena_used = 0
         self._pending_bytes = 0
@@ -138,6 +139,9 @@ class CaptureSession:
 
     def record(self, module: str, stage: str, cls: str, layer, call: int, t: torch.Tensor,
                extra_meta: dict | None = None) -> None:
+        if _capturing_graph(t):
+            self._skip_in_graph(module, stage)
+            return
         ctx = self.context
         meta = dict(ctx["meta"])
         if extra_meta:
@@ -151,8 +155,9 @@ class CaptureSession:
         rec = Record(key=f"{module}:{stage}", module=module, stage=stage, cls=cls, layer=layer, call=call,
                      phase=ctx["phase"], step=ctx["step"], rank=cfg.rank, world_size=cfg.world_size,
                      shape=list(t.shape), dtype=dtype_name(t.dtype), meta=meta)
-        if self._pending and t.is_cuda and t.device != self._pending_device:
-            self._ship_pending()  # one group, one device
+        stream = torch.cuda.current_stream(t.device) if t.is_cuda else None
+        if self._pending and stream is not None and stream != self._pending_stream:
+            self._ship_pending()  # one group, one stream: the group's event then covers all its work
         payload = summary = None
         if cfg.mode == "stats":
             rec.kind = "stats"
@@ -176,7 +181,8 @@ class CaptureSession:
                 return
             rec.seq = self.writer.next_seq()
         if t.is_cuda:
-            self._pending_device = t.device
+            if not self._pending:
+                self._pending_stream = stream
             self._pending.append((rec, payload, summary))
             self._pending_bytes += 0 if payload is None else nbytes
             if len(self._pending) >= self._group_records or self._pending_bytes >= _GROUP_BYTES:
@@ -186,6 +192,16 @@ class CaptureSession:
                 self._ship_pending()  # keep the queue in record order
             self._slots.acquire()
             self._queue.put(([(rec, payload, summary)], None, None))
+
+    def _skip_in_graph(self, module: str, stage: str) -> None:
+        # Copies, summaries and events cannot go into a CUDA graph being
+        # captured, and a graph's replays never run Python hooks: record
+        # nothing here, keep capture on for the eager forwards, say so once.
+        self.skipped_in_graph += 1
+        if self.skipped_in_graph == 1:
+            _say(f"{module}:{stage} ran while a CUDA graph was being captured; such records are skipped, and "
+                 "replays of the graph are never recorded. Capture records eager forwards only: run the model "
+                 "without CUDA graphs while capturing (vLLM enforce_eager=True, SGLang --disable-cuda-graph).")
 
     def _ship_pending(self) -> None:
         """Hand the held CUDA records to the writer as one group: their
@@ -198,11 +214,13 @@ class CaptureSession:
         self._arena, self._arena_used = None, 0
         if not items or self.errors:
             return
-        sums = torch.stack([summary for _, _, summary in items])
-        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
-        host.copy_(sums, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(sums.device))
+        stream = self._pending_stream
+        with torch.cuda.stream(stream):  # where the group's copies and summaries were made
+            sums = torch.stack([summary for _, _, summary in items])
+            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            host.copy_(sums, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
         for _ in items:
             self._slots.acquire()
         self._queue.put(([(rec, payload, host[i]) for i, (rec, payload, _) in enumerate(items)], event, arena))
@@ -332,6 +350,10 @@ class CaptureSession:
             self.errors += 1
             _say(f"could not finish the dump in {self.root}: {exc}")
         atexit.unregister(self.close)
+
+
+def _capturing_graph(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _plain(d: dict) -> dict:
