@@ -113,10 +113,19 @@ def _compare(a: torch.Tensor, b: torch.Tensor, key: str | None = None) -> dict:
                 "invariant": True, "reason": ""}
     with _one_thread():
         m = _diff_metrics(a, b)
-    reason = f"bits differ in {1 - m['frac_equal']:.3g} of elements"
+    reason = f"bits differ in {_percent(1 - m['frac_equal'])} of elements"
     if m.pop("nonfinite"):
         reason += "; NaN/Inf positions differ"
     return {**m, "invariant": False, "reason": reason}
+
+
+def _percent(frac: float) -> str:
+    """A share as a percentage that never rounds a real difference to 0%
+    or a partial one to 100%."""
+    if frac >= 1.0:
+        return "100%"
+    text = f"{frac * 100:.3g}%"
+    return "> 99.9%" if text == "100%" else text
 
 
 @contextlib.contextmanager
