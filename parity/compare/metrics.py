@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from parity.errors import ParityError
+from parity.store.stats import block_moments
 
 # Arithmetic runs on blocks of this many elements: three float64 rows (6 MiB)
 # stay in L3 while a dozen passes go over them; larger blocks fall out to DRAM
@@ -429,34 +430,6 @@ def summary_stats(t: torch.Tensor) -> dict:
     t = t.detach()
     if t.is_complex():
         raise ParityError("summary_stats: complex tensors are not supported")
-    n = 0
-    mean = m2 = l2sq = absmax = 0.0
-    nan = inf = 0
-    buf = torch.empty(max(1, min(t.numel(), _BLOCK)), dtype=torch.float64, device=t.device)
-    for _, (c,) in _blocks((t,), 1 << 22):
-        x = buf[:c.numel()].copy_(c)
-        ss = torch.dot(x, x).item()
-        if not math.isfinite(ss):
-            fin = torch.isfinite(x)
-            n_nan = int(torch.isnan(x).sum())
-            nan += n_nan
-            inf += x.numel() - int(fin.sum()) - n_nan
-            x = x[fin]
-            ss = torch.dot(x, x).item() if x.numel() else 0.0
-        k = x.numel()
-        if k == 0:
-            continue
-        lo, hi = torch.aminmax(x)
-        absmax = max(absmax, -lo.item(), hi.item())
-        l2sq += ss
-        # Chan's pairwise merge of (count, mean, M2): no sumsq - n*mean^2
-        # cancellation when |mean| >> std.
-        mb = x.sum().item() / k
-        x = x - mb
-        m2b = torch.dot(x, x).item()
-        delta, tot = mb - mean, n + k
-        mean += delta * k / tot
-        m2 += m2b + delta * delta * n * k / tot
-        n = tot
+    absmax, n, mean, m2, l2sq, nan, inf = block_moments((c for _, (c,) in _blocks((t,), 1 << 22)), t.device)
     return {"absmax": absmax, "mean": mean, "std": math.sqrt(m2 / n) if n else 0.0,
             "l2": math.sqrt(l2sq), "nan": nan, "inf": inf}
