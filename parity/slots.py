@@ -218,7 +218,8 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
     pat = re.compile(filter) if isinstance(filter, str) else filter
     recs = [r for r in bdump.records() if r.kind == "tensor" and (pat is None or pat.search(r.key))]
     if not recs:
-        raise ParityError(f"{bdump.path}: no tensor records to compare" + (" (after --filter)" if pat else ""))
+        raise ParityError(f"{bdump.path}: no tensor records to compare" + (" (after --filter)" if pat else "")
+                          + bdump.stats_only_hint())
     notes: list[str] = []
     solo_of: dict[int, Dump] = {}
     solo_recs: dict[int, dict[tuple, Record]] = {}

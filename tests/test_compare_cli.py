@@ -106,6 +106,22 @@ def test_empty_dump_exit_2(dumps, tmp_path):
     assert "no tensor records" in r.output
 
 
+def test_stats_only_dump_says_how_to_capture_tensors(dumps, tmp_path):
+    from parity.store import Record
+
+    w = DumpWriter(str(tmp_path / "stats"), fsync=False)
+    w.write_batch([(Record(key="model.layers.0.mlp:output", module="model.layers.0.mlp", stage="output",
+                           kind="stats", stats={"absmax": 1.0}, seq=w.next_seq()), None)])
+    w.close()
+    for args in (("ref-vs-target", "--ref", w.root, "--target", dumps["ref"]),
+                 ("slot-invariance", "--dir", w.root, "--same-prompt")):
+        r = run(*args)
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        assert "summaries only" in r.output and "PARITY_DUMP_MODE=full" in r.output, r.output
+    r = run("ref-vs-target", "--ref", dumps["ref"], "--target", dumps["ref"])
+    assert "summaries only" not in r.output
+
+
 def test_corrupt_manifest_exit_2(dumps, tmp_path):
     import shutil
 

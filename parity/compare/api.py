@@ -201,7 +201,8 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
         if not side.pieces:
             what = "no tensor records" + (" match --filter" if pat else "")
             raise ParityError(f"{name} dump {side.dump.path}: {what}"
-                              + (f" ({side.unmapped} records were not covered by the mapping)" if side.unmapped else ""))
+                              + (f" ({side.unmapped} records were not covered by the mapping)" if side.unmapped else "")
+                              + side.dump.stats_only_hint())
         if side.unmapped:
             notes.append(f"{side.unmapped} {name} records are not covered by the mapping and were skipped")
     al: Alignment = align(rs, ts)

@@ -141,6 +141,14 @@ class Dump:
             return self._by_rank[rank]
         return [rec for r in self.ranks for rec in self._by_rank[r]]
 
+    def stats_only_hint(self) -> str:
+        """Why a compare finds no tensor here, when the capture mode is the reason."""
+        n = sum(1 for r in self.records() if r.kind == "stats")
+        if not n:
+            return ""
+        return (f"; its {n} records are summaries only (captured with PARITY_DUMP_MODE=stats): capture with "
+                "PARITY_DUMP_MODE=full or sample to compare tensors, or read the summaries with `parity inspect`")
+
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_rank.values())
 
