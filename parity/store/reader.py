@@ -7,7 +7,6 @@ nothing until a tensor is touched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -19,6 +18,7 @@ import torch
 
 from parity.errors import DumpError
 from parity.store.schema import (FORMAT_VERSION, MANIFEST, RUN_FILE, Record, dtype_from_name, st_dtype)
+from parity.store.writer import content_hash
 
 
 class _Shard:
@@ -169,7 +169,7 @@ class Dump:
             raise DumpError(f"{sh.path}: tensor {rec.tensor} is {list(t.shape)} {t.dtype}, "
                             f"the manifest says {rec.shape} {rec.dtype}")
         if verify and rec.hash:
-            got = "sha256:" + hashlib.sha256(sh.raw(rec.tensor)).hexdigest()[:32]
+            got = content_hash(sh.raw(rec.tensor))
             if got != rec.hash:
                 raise DumpError(f"{sh.path}: tensor {rec.tensor} ({rec.key}) does not match its hash")
         return t
