@@ -144,7 +144,8 @@ def test_cuda_graph_capture_is_skipped_and_replays_leave_no_records(tmp_path, ca
             y = model(x)                               # captured into the graph: skipped
         graph.replay()
         torch.cuda.synchronize()
-    assert torch.equal(y, eager) and h.enabled
+    torch.testing.assert_close(y, eager)  # the graph computes what the eager forward did
+    assert h.enabled
     h.close()
     assert capsys.readouterr().err.count("while a CUDA graph was being captured") == 1
     assert len(open_dump(str(tmp_path / "d")).records()) == 2
