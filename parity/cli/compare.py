@@ -1,4 +1,4 @@
-"""`parity ref-vs-target`, `layer-bisect`, `slot-invariance`, `weights`, `topk`.
+"""`parity ref-vs-target`, `layer-bisect`, `summary-diff`, `slot-invariance`, `weights`, `topk`.
 
 Each parses options, calls one library function and renders what it
 returns. Exit 0: agreement; 1: divergence found; 2: bad input.
@@ -143,6 +143,36 @@ def layer_bisect_cmd(ref, target, map_file, preset, floor, m, atol, fmt, out, fi
         from parity.report.plots import compare_plots
 
         _notes([f"plots: {', '.join(compare_plots(res.compare.table, res.curve, plot_dir))}"])
+    raise SystemExit(res.exit_code)
+
+
+@cli.command("summary-diff")
+@_pair_options
+@output_options
+def summary_diff_cmd(ref, target, map_file, preset, fmt, out, filter_):
+    """Screen two dumps by their summaries (works on stats-mode dumps).
+
+    For each aligned pair the relative gap of the two l2 norms is a lower
+    bound on rel_l2 of the difference: a gap beyond the dtype's fail
+    threshold, or NaN/Inf on one side only, proves a divergence; anything
+    else is "consistent", not proven equal. Both dumps need the same batch
+    layout (pairs whose element counts differ are skipped). Prints the first
+    divergence. Exit 1 when any pair fails.
+    """
+    from parity.compare.summaries import summary_diff
+
+    res = summary_diff(ref, target, mapping=map_file, preset=preset, filter=compile_filter(filter_))
+    t = res.table
+    if fmt == "table":
+        t = t[["key", "phase", "step", "seq", "dtype", "l2_ref", "l2_target", "l2_gap", "nonfinite_ref",
+               "nonfinite_target", "verdict", "reason"]].copy()
+        t["reason"] = t["reason"].map(lambda r: r if len(r) <= 40 else r[:39] + "~")
+    summary = res.summary()
+    for side, keys in (("only_in_reference", res.only_ref), ("only_in_target", res.only_target)):
+        if keys:
+            summary[side] = f"{len(keys)} record(s): " + ", ".join(list(dict.fromkeys(keys))[:5])
+    write_output(render(t, fmt, keep=res.worst(), summary=summary), out)
+    _notes(res.notes)
     raise SystemExit(res.exit_code)
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 
 from parity.compare.align import (ShapeMismatch, as_dump, comparable, cut_dump, align, resolve_mapping, split_key)
 from parity.compare.api import frame
+from parity.compare.result import TableResult
 from parity.errors import ParityError
 
 _SCALE_SUFFIXES = ("_scale_inv", "_scale", ".scale", ".scales", ".weight_scale_inv", ".weight_scale")
@@ -75,16 +75,8 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, k: int | None = None
     return w, None
 
 
-@dataclass
-class WeightsResult:
-    table: pd.DataFrame
-    only_ref: list[str] = field(default_factory=list)
-    only_target: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if len(self.table) and (self.table["verdict"] == "fail").any() else 0
+class WeightsResult(TableResult):
+    pass
 
 
 def _quantized(t: torch.Tensor) -> bool:

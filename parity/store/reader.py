@@ -147,7 +147,7 @@ class Dump:
         if not n:
             return ""
         return (f"; its {n} records are summaries only (captured with PARITY_DUMP_MODE=stats): capture with "
-                "PARITY_DUMP_MODE=full or sample to compare tensors, or read the summaries with `parity inspect`")
+                "PARITY_DUMP_MODE=full or sample to compare tensors, or screen the summaries with `parity summary-diff`")
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_rank.values())
