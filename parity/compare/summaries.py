@@ -54,7 +54,8 @@ class SummaryDiff(TableResult):
         out["only_in_target"] = len(self.only_target)
         first = self.first_divergence()
         if first is not None:
-            where = f"layer {first['layer']}, " if first["layer"] is not None else ""
+            layer = first["layer"]
+            where = f"layer {int(layer)}, " if layer is not None and layer == layer else ""  # NaN: no layer
             when = " ".join(w for w in (first["phase"], None if first["step"] is None else f"step {first['step']}")
                             if w)
             out["first_divergence"] = f"{where}{first['key']}{f' ({when})' if when else ''}: {first['reason']}"
@@ -105,7 +106,7 @@ def _row(k: tuple, r, t) -> dict:
     layer, _ = split_key(key, r.layer)
     rs, ts = r.stats, t.stats
     row = {"key": key, "layer": layer, "phase": phase, "step": step, "call": call,
-           "seq": list(seq) if seq else None, "rank": rank, "shape": r.shape, "dtype": r.dtype,
+           "seq": ",".join(map(str, seq)) if seq else None, "rank": rank, "shape": r.shape, "dtype": r.dtype,
            "l2_ref": rs.get("l2"), "l2_target": ts.get("l2"), "l2_gap": None,
            "absmax_ref": rs.get("absmax"), "absmax_target": ts.get("absmax"),
            "mean_ref": rs.get("mean"), "mean_target": ts.get("mean"),
