@@ -54,10 +54,9 @@ class SummaryDiff(TableResult):
         out["only_in_target"] = len(self.only_target)
         first = self.first_divergence()
         if first is not None:
-            layer = first["layer"]
-            where = f"layer {int(layer)}, " if layer is not None and layer == layer else ""  # NaN: no layer
-            when = " ".join(w for w in (first["phase"], None if first["step"] is None else f"step {first['step']}")
-                            if w)
+            layer, step = _int_or_none(first["layer"]), _int_or_none(first["step"])
+            where = f"layer {layer}, " if layer is not None else ""
+            when = " ".join(w for w in (first["phase"], None if step is None else f"step {step}") if w)
             out["first_divergence"] = f"{where}{first['key']}{f' ({when})' if when else ''}: {first['reason']}"
         else:
             out["first_divergence"] = "none: no summary proves a difference (summaries cannot prove agreement)"
@@ -131,6 +130,11 @@ def _row(k: tuple, r, t) -> dict:
     if gap > th.rel_l2_warn:
         return {**row, "verdict": "warn", "reason": f"l2 differs by {gap:.2e} > {th.rel_l2_warn:.1e} ({th.label} warn)"}
     return {**row, "verdict": "consistent", "reason": ""}
+
+
+def _int_or_none(v) -> int | None:
+    # pandas turns a column of ints with gaps into floats with NaN
+    return None if v is None or v != v else int(v)
 
 
 def _nonfinite(stats: dict) -> int:
