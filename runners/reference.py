@@ -242,13 +242,27 @@ def run_reference(
 # ---------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m runners.reference", description=__doc__.splitlines()[0])
+def add_prompt_args(ap: argparse.ArgumentParser, gsm8k_help: str = "the first N GSM8K test questions") -> None:
+    """--ckpt and where the prompts come from (--prompts FILE | --gsm8k N [--data FILE])."""
     ap.add_argument("--ckpt", required=True, help="checkpoint directory (config, weights, tokenizer)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="prompts file (.txt, .json or .jsonl)")
-    src.add_argument("--gsm8k", type=int, metavar="N", help="the first N GSM8K test questions")
+    src.add_argument("--gsm8k", type=int, metavar="N", help=gsm8k_help)
     ap.add_argument("--data", help="GSM8K test jsonl (default: the gate's default location)")
+
+
+def prompts_from_args(args, num_fewshot: int = 0) -> list:
+    """The prompts ``add_prompt_args`` options name; ParityError on bad input."""
+    if args.gsm8k is not None:
+        if args.gsm8k < 1:
+            raise ParityError("--gsm8k N needs N >= 1")
+        return gsm8k_prompts(args.gsm8k, args.data, num_fewshot)
+    return read_prompts(args.prompts)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m runners.reference", description=__doc__.splitlines()[0])
+    add_prompt_args(ap)
     ap.add_argument("--num-fewshot", type=int, default=0, help="GSM8K fewshot examples per prompt (default 0)")
     ap.add_argument("--dump", required=True, help="capture directory")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -267,12 +281,7 @@ def main(argv=None) -> int:
     try:
         if args.max_new_tokens < 0:
             raise ParityError("--max-new-tokens must be >= 0")
-        if args.gsm8k is not None:
-            if args.gsm8k < 1:
-                raise ParityError("--gsm8k N needs N >= 1")
-            prompts = gsm8k_prompts(args.gsm8k, args.data, args.num_fewshot)
-        else:
-            prompts = read_prompts(args.prompts)
+        prompts = prompts_from_args(args, args.num_fewshot)
         forced = None
         if args.force_tokens:
             from reference_models.load import load_tokenizer

@@ -360,12 +360,10 @@ def load_index(out) -> SideBySide:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from runners.reference import add_prompt_args
+
     ap = argparse.ArgumentParser(prog="python -m runners.side_by_side", description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True, help="checkpoint directory (config, weights, tokenizer)")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help="prompts file (.txt, .json or .jsonl)")
-    src.add_argument("--gsm8k", type=int, metavar="N", help="the first N GSM8K test questions (0-shot)")
-    ap.add_argument("--data", help="GSM8K test jsonl (default: the gate's default location)")
+    add_prompt_args(ap, "the first N GSM8K test questions (0-shot)")
     ap.add_argument("--out", required=True, help="folder for the dumps and index.json")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--slots", type=int, help="sequences in the batched run (default: one per prompt)")
@@ -379,15 +377,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from runners.reference import gsm8k_prompts, read_prompts
+    from runners.reference import prompts_from_args
 
     try:
-        if args.gsm8k is not None:
-            if args.gsm8k < 1:
-                raise ParityError("--gsm8k N needs N >= 1")
-            prompts = gsm8k_prompts(args.gsm8k, args.data)
-        else:
-            prompts = read_prompts(args.prompts)
+        prompts = prompts_from_args(args)
         res = run_side_by_side(args.ckpt, prompts, args.out, precision=args.precision, slots=args.slots,
                                decode_steps=args.decode_steps, fault=args.fault, floor=args.floor,
                                force=args.force, device=args.device,

@@ -53,6 +53,11 @@ def _only(df, limit=5) -> str:
     return f"{len(df)} piece(s) of {len(keys)} record(s): " + ", ".join(keys[:limit]) + more
 
 
+def _only_keys(keys: list[str], limit: int = 5) -> str:
+    """'N: a, b, ...' for records that found no partner (names listed once)."""
+    return f"{len(keys)}: " + ", ".join(list(dict.fromkeys(keys))[:limit])
+
+
 def _compare_view(res, fmt):
     t = res.table
     if fmt != "table":
@@ -170,7 +175,7 @@ def summary_diff_cmd(ref, target, map_file, preset, fmt, out, filter_):
     summary = res.summary()
     for side, keys in (("only_in_reference", res.only_ref), ("only_in_target", res.only_target)):
         if keys:
-            summary[side] = f"{len(keys)} record(s): " + ", ".join(list(dict.fromkeys(keys))[:5])
+            summary[side] = _only_keys(keys)
     write_output(render(t, fmt, keep=res.worst(), summary=summary), out)
     _notes(res.notes)
     raise SystemExit(res.exit_code)
@@ -239,9 +244,9 @@ def weights_cmd(ref, target, map_file, preset, fmt, out, filter_, plot_dir):
     for s in ("pass", "warn", "fail"):
         summary[s] = int((t["verdict"] == s).sum())
     if res.only_ref:
-        summary["only_in_reference"] = f"{len(res.only_ref)}: " + ", ".join(res.only_ref[:5])
+        summary["only_in_reference"] = _only_keys(res.only_ref)
     if res.only_target:
-        summary["only_in_target"] = f"{len(res.only_target)}: " + ", ".join(res.only_target[:5])
+        summary["only_in_target"] = _only_keys(res.only_target)
     keep = [i for i, v in enumerate(t["verdict"]) if v != "pass"]
     write_output(render(t, fmt, keep=keep, summary=summary), out)
     _notes(res.notes)
