@@ -193,6 +193,42 @@ def test_thresholds_for_picks_less_precise_float():
     assert thresholds_for("float32", "float32", only_bf16).label == "fp32"      # falls back
 
 
+def test_the_runs_precision_sets_the_thresholds_when_coarser():
+    # an fp32 record of a bf16 run carries bf16 rounding from upstream
+    t = thresholds_for("float32", "float32", precision="bf16")
+    assert t.label == "bf16 run" and t.rel_l2_fail == THRESHOLDS["bfloat16"].rel_l2_fail
+    assert thresholds_for("bfloat16", "bfloat16", precision="bf16").label == "bf16"
+    assert thresholds_for("bfloat16", "float32", precision="fp32").label == "bf16"  # the dtype is coarser
+    assert thresholds_for("float32", None, precision="fp8").label == "fp8 run"
+    assert thresholds_for("float32", None, precision="no-such").label == "fp32"
+    v = verdict_for(_m(5e-3, dtype_a="float32", dtype_b="float32"), precision="bf16")
+    assert v == Verdict("pass", "rel_l2 5.0e-03 <= 1.0e-02 (bf16 run)")
+    assert verdict_for(_m(5e-3, dtype_a="float32", dtype_b="float32")).status == "fail"
+
+
+def test_compare_judges_by_the_runs_precision(tmp_path):
+    import json
+
+    from dumpgen import _record
+
+    from parity import compare_dumps
+    from parity.store.writer import DumpWriter
+
+    def dump(name, x, precision):
+        w = DumpWriter(str(tmp_path / name), run_info={"precision": precision})
+        w.write_batch([_record(w, "m", "output", None, "prefill", 0, {}, x)])
+        w.close()
+        return tmp_path / name
+
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    y = x * (1 + 5e-3)
+    res = compare_dumps(dump("ref", x, "bf16"), dump("tgt", y, "bf16"))
+    assert res.table["verdict"].tolist() == ["pass"] and "(bf16 run)" in res.table["reason"].iat[0]
+    res = compare_dumps(dump("ref32", x, "fp32"), dump("tgt32", y, "fp32"))
+    assert res.table["verdict"].tolist() == ["fail"] and "(fp32 fail)" in res.table["reason"].iat[0]
+    assert json.loads((tmp_path / "ref" / "run.json").read_text())["precision"] == "bf16"
+
+
 def test_floor_verdict_defaults_and_overrides():
     assert floor_verdict(3.0e-2, 1.0e-2, "bfloat16").status == "pass"    # 3 x 1e-2 + 3.9e-3
     v = floor_verdict(3.5e-2, 1.0e-2, torch.bfloat16)

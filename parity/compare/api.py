@@ -58,6 +58,14 @@ class CompareResult:
         return out
 
 
+def run_precision(*dumps) -> str | None:
+    """The coarsest precision the runs declare in run.json ("precision"), as a
+    THRESHOLDS key; None when none declares one."""
+    from parity.compare.verdict import coarsest
+
+    return coarsest(*(d.run.get("precision") for d in dumps if isinstance(d.run, dict)))
+
+
 def _load(piece: Piece, dump) -> torch.Tensor:
     if piece.error:
         raise ShapeMismatch(f"layout: {piece.error}")
@@ -95,7 +103,7 @@ def _ids_row(row: dict, a: torch.Tensor, b: torch.Tensor) -> dict:
     return row
 
 
-def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol) -> dict:
+def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision) -> dict:
     from parity.compare.verdict import floor_verdict, verdict_for
     from parity.decisions import decision_kind
 
@@ -120,7 +128,7 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol) -> dict:
     row["dtype"] = _dtype_name(a) if a.dtype == b.dtype else f"{_dtype_name(a)}/{_dtype_name(b)}"
     m = _metrics(a, b)
     row.update(rel_l2=m.get("rel_l2"), cos=m.get("cos"), max_abs=m.get("max_abs"), frac_equal=m.get("frac_equal"))
-    v = verdict_for(m)
+    v = verdict_for(m, precision=precision)
     if fdump is not None and m.get("rel_l2") is not None and a.is_floating_point() and b.is_floating_point():
         if floor_piece is None:
             notes.append("no floor record; fixed thresholds")
@@ -215,6 +223,7 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
     if fd is not None:
         for p in cut_dump(fd, mapping, keep=keep).pieces:
             floor_idx.setdefault(p.match, []).append(p)
+    precision = run_precision(rd, td)
     rows = []
     rel_r = ShardReleaser(rd, [r for p in al.pairs for r in p.ref.recs])
     rel_t = ShardReleaser(td, [r for p in al.pairs for r in p.target.recs])
@@ -224,7 +233,7 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
             cands = floor_idx.get(pair.ref.match, [])
             fp = next((c for c in cands if c.rank == pair.ref.rank), None) or next(
                 (c for c in cands if c.rank is None), None)
-        rows.append(_row(pair, rd, td, fp, fd, m, atol))
+        rows.append(_row(pair, rd, td, fp, fd, m, atol, precision))
         rel_r.done(pair.ref.recs)
         rel_t.done(pair.target.recs)
     cols = COLUMNS + (["err_target_floor", "err_ref_floor"] if fd is not None else [])

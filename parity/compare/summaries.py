@@ -91,7 +91,10 @@ def summary_diff(ref, target, *, mapping=None, preset: str | None = None, filter
                          "the first of each is used")
         sides.append(index)
     ri, ti = sides
-    rows = [_row(k, ri[k], ti[k]) for k in ri if k in ti]
+    from parity.compare.api import run_precision
+
+    precision = run_precision(rd, td)
+    rows = [_row(k, ri[k], ti[k], precision) for k in ri if k in ti]
     if not rows:
         a, b = next(iter(ri))[0], next(iter(ti))[0]
         raise ParityError("no record of the reference meets one of the target: the names differ "
@@ -100,7 +103,7 @@ def summary_diff(ref, target, *, mapping=None, preset: str | None = None, filter
                        notes)
 
 
-def _row(k: tuple, r, t) -> dict:
+def _row(k: tuple, r, t, precision) -> dict:
     key, phase, step, call, seq, rank = k
     layer, _ = split_key(key, r.layer)
     rs, ts = r.stats, t.stats
@@ -122,7 +125,7 @@ def _row(k: tuple, r, t) -> dict:
         return {**row, "verdict": "skip", "reason": "summary without l2"}
     gap = abs(l2t - l2r) / l2r if l2r > 0 else (0.0 if l2t == 0 else math.inf)
     row["l2_gap"] = gap
-    th = thresholds_for(r.dtype, t.dtype)
+    th = thresholds_for(r.dtype, t.dtype, precision=precision)
     if gap > th.rel_l2_fail:
         return {**row, "verdict": "fail",
                 "reason": f"l2 differs by {gap:.2e}, so rel_l2 of the difference >= that > {th.rel_l2_fail:.1e} "

@@ -13,7 +13,7 @@ the same experiment as tests/test_verdict.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping
 
 import torch
@@ -100,13 +100,38 @@ def _key_for(dt: torch.dtype) -> str:
     return "float64"
 
 
-def thresholds_for(dtype_a, dtype_b=None, table: Mapping[str, Thresholds] | None = None) -> Thresholds:
-    """The row for the less precise float dtype of the pair (names or torch
-    dtypes); an integer side is ignored; no float side at all -> float32.
-    Rows missing from `table` come from THRESHOLDS."""
+# A run's declared precision (run.json "precision") names a THRESHOLDS row.
+_PRECISIONS = {"fp8": "float8", "float8": "float8", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16", "half": "float16", "fp32": "float32",
+               "float32": "float32", "fp64": "float64", "float64": "float64", "double": "float64"}
+_ORDER = ["float64", "float32", "float16", "bfloat16", "float8"]  # finer to coarser
+
+
+def precision_key(name) -> str | None:
+    """The THRESHOLDS key of a run precision name ("bf16", "fp8", ...); None if unknown."""
+    return _PRECISIONS.get(str(name).strip().lower()) if name is not None else None
+
+
+def coarsest(*precisions) -> str | None:
+    """The coarsest of several run precision names (unknown or None ignored), as a THRESHOLDS key."""
+    keys = [k for k in map(precision_key, precisions) if k is not None]
+    return max(keys, key=_ORDER.index) if keys else None
+
+
+def thresholds_for(dtype_a, dtype_b=None, table: Mapping[str, Thresholds] | None = None,
+                   precision: str | None = None) -> Thresholds:
+    """The row for the less precise of the pair's float dtypes (names or
+    torch dtypes) and the run's precision (a name such as "bf16"): an fp32
+    record of a bf16 run carries bf16 rounding from upstream. An integer side
+    is ignored; nothing at all -> float32. Rows missing from `table` come
+    from THRESHOLDS."""
     floats = [dt for dt in map(_dtype, (dtype_a, dtype_b)) if dt is not None and dt.is_floating_point]
-    key = _key_for(max(floats, key=lambda dt: torch.finfo(dt).eps)) if floats else "float32"
-    return (table or {}).get(key) or THRESHOLDS[key]
+    own = max((_key_for(dt) for dt in floats), key=_ORDER.index) if floats else None
+    run = precision_key(precision)
+    key = max((k for k in (own, run) if k), key=_ORDER.index, default="float32")
+    row = (table or {}).get(key) or THRESHOLDS[key]
+    # say so when the run's precision, not the record's dtype, picked the row
+    return replace(row, label=f"{row.label} run") if own is not None and key != own else row
 
 
 def _e(x: float) -> str:
@@ -132,9 +157,11 @@ def _ids_verdict(m: dict) -> Verdict:
     return Verdict("fail" if diff > IDS_FAIL_FRAC else "warn", where)
 
 
-def verdict_for(metrics: dict, *, thresholds: Thresholds | Mapping[str, Thresholds] | None = None) -> Verdict:
+def verdict_for(metrics: dict, *, thresholds: Thresholds | Mapping[str, Thresholds] | None = None,
+                precision: str | None = None) -> Verdict:
     """Verdict from pair_metrics() output. `thresholds`: one row to use as
-    is, or a table keyed like THRESHOLDS, default THRESHOLDS."""
+    is, or a table keyed like THRESHOLDS, default THRESHOLDS; `precision`:
+    the run's precision, when it is coarser than the record's dtype."""
     m = metrics
     if m.get("shape_mismatch"):
         return Verdict("fail", f"shape {m['shape_a']} vs reference {m['shape_b']}")
@@ -143,7 +170,7 @@ def verdict_for(metrics: dict, *, thresholds: Thresholds | Mapping[str, Threshol
     if m.get("rel_l2") is None:
         return _ids_verdict(m)
     t = thresholds if isinstance(thresholds, Thresholds) else thresholds_for(
-        m["dtype_a"], m["dtype_b"], thresholds)
+        m["dtype_a"], m["dtype_b"], thresholds, precision)
     rel, cos = m["rel_l2"], m["cos"]
     if math.isnan(rel) or math.isnan(cos):
         return Verdict("fail", "metrics are NaN (values overflow float64?)")
@@ -166,7 +193,9 @@ def floor_verdict(err_target_floor: float, err_ref_floor: float, dtype,
     reference, both against the same higher-precision run (the floor).
     Fail when err_target_floor > m * err_ref_floor + atol; defaults per
     dtype from THRESHOLDS (m 3 for bf16/fp16, 2 for fp32; atol = unit
-    roundoff)."""
+    roundoff). The record's own dtype, not the run's precision: the
+    reference's distance to the floor already carries what the run's
+    precision brought from upstream; atol is the record's last rounding."""
     dt = _dtype(dtype)
     if dt is None or not dt.is_floating_point:
         raise ParityError(f"floor_verdict: a float dtype is needed, got {dtype!r}")

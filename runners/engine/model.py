@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runners.engine import faults
@@ -20,9 +19,9 @@ from runners.engine._tap import tap
 from runners.engine.cache import KVCache, LayerCache
 from runners.engine.config import CSA, SLIDING, ModelConfig
 from runners.engine.metadata import CompressMeta, ForwardMeta
+from runners.engine.ops import invariant as inv
 from runners.engine.ops import ops
 from runners.engine.ops import quant
-from runners.engine.ops.torch_ops import lane_sigmoid, row_linear
 
 
 @dataclass
@@ -74,16 +73,20 @@ class GroupedLinear(nn.Module):
         self.register_buffer("weight_scale_inv", None)
 
     def forward(self, x):  # x: [T, G, in_per_group] -> [T, G, out/G]
-        w = self.weight
-        if self.weight_scale_inv is not None:
-            w = quant.fp8_weight(w, self.weight_scale_inv, x.dtype)
+        n = self.weight.shape[0] // self.groups
+        if self.weight_scale_inv is None:
+            owner, decode, tag = self.weight, lambda: self.weight.to(x.dtype), x.dtype
+        else:
             if faults.active("fp8_unscaled_o_a"):
                 # FAULT fp8_unscaled_o_a: this projection is dequantized by hand for its grouped matmul
                 # (not through fp8_linear), and the hand-written cast forgets the 128x128 block scales.
-                w = self.weight.to(x.dtype)
+                owner, decode, tag = self.weight, lambda: self.weight.to(x.dtype), ("unscaled", x.dtype)
+            else:
+                owner, decode, tag = self.weight, lambda: quant.fp8_weight(self.weight, self.weight_scale_inv,
+                                                                           x.dtype), ("fp8", x.dtype)
             x = quant.qdq_act(x)
-        w = w.view(self.groups, -1, x.shape[-1])
-        return torch.stack([row_linear(x[:, g], w[g]) for g in range(self.groups)], dim=1)
+        return torch.stack([inv.linear_decoded(x[:, g], owner, decode, rows=slice(g * n, (g + 1) * n), tag=tag)
+                            for g in range(self.groups)], dim=1)
 
 
 class WindowCompressor(nn.Module):
@@ -248,7 +251,7 @@ class HyperConnection(nn.Module):
         pre, post, comb = ops.hc_sinkhorn(streams, self.fn, self.base, self.scale, iters, self.eps,
                                           self.norm_eps)
         tap(f"{self.name}.mix", torch.cat([pre, post, comb.flatten(1)], dim=-1))  # pre | post | comb
-        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+        collapsed = inv.sum(pre.unsqueeze(-1) * streams, dim=1).to(streams.dtype)
         return post, comb, collapsed
 
 
@@ -263,9 +266,9 @@ class HyperHead(nn.Module):
 
     def forward(self, x):
         flat = ops.rmsnorm_unweighted(x.flatten(1).float(), self.norm_eps)
-        mixes = row_linear(flat, self.hc_fn.float())
-        pre = lane_sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
-        return (pre.unsqueeze(-1) * x).sum(dim=1).to(x.dtype)
+        mixes = inv.linear(flat, self.hc_fn.float())
+        pre = inv.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
+        return inv.sum(pre.unsqueeze(-1) * x, dim=1).to(x.dtype)
 
 
 class SharedMLP(nn.Module):
@@ -280,7 +283,7 @@ class SharedMLP(nn.Module):
     def forward(self, x):
         gate = self.gate_proj(x).clamp(max=self.limit)
         up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(inv.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -295,13 +298,13 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x, input_ids):
-        logits = row_linear(x, self.weight.to(x.dtype))
+        logits = inv.linear(x, self.weight)
         if self.scoring == "sqrtsoftplus":
-            scores = F.softplus(logits).sqrt()
+            scores = inv.softplus(logits).sqrt()
         elif self.scoring == "sigmoid":
-            scores = logits.sigmoid()
+            scores = inv.sigmoid(logits)
         else:
-            scores = logits.softmax(dim=-1)
+            scores = inv.softmax(logits, dim=-1)
         if self.is_hash:  # which experts is a fixed function of the token id
             ids = self.tid2eid[input_ids].long()
         else:  # the correction bias picks experts but never weighs them
@@ -310,7 +313,7 @@ class Router(nn.Module):
             # FAULT hash_routed_by_score: a router written for score layers only; tid2eid is loaded but unused.
             ids = torch.topk(scores, self.top_k, dim=-1, sorted=False).indices
         w = scores.gather(1, ids)
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        w = w / (inv.sum(w, dim=-1, keepdim=True) + 1e-20)
         if not self.is_hash and faults.active("skip_routed_scale"):
             # FAULT skip_routed_scale: the score-routed path returns the normalised weights unscaled.
             return logits, w, ids
@@ -329,8 +332,8 @@ class Experts(nn.Module):
         self.register_buffer("down_proj_scale_inv", None)
 
     def _fp4_expert(self, e, rows):
-        return quant.fp4_expert(rows, self.gate_up_proj[e], self.gate_up_proj_scale_inv[e], self.down_proj[e],
-                                self.down_proj_scale_inv[e], self.limit, self.hidden, self.inter)
+        return quant.fp4_expert(rows, e, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
+                                self.down_proj_scale_inv, self.limit, self.hidden, self.inter)
 
     def forward(self, x, ids, weights):
         fn = self._fp4_expert if self.gate_up_proj_scale_inv is not None else None
@@ -384,7 +387,7 @@ def _mix_streams(comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     matmul: the matmul's kernel (and rounding) changes with T, which made a
     sequence's streams depend on the batch it ran in."""
     # fp32 products and sum, one rounding at the end: what a bf16 matmul does.
-    return (comb.float().unsqueeze(-1) * streams.float().unsqueeze(-2)).sum(dim=1).to(streams.dtype)
+    return inv.sum(comb.float().unsqueeze(-1) * streams.float().unsqueeze(-2), dim=1).to(streams.dtype)
 
 
 class DeepseekV4Model(nn.Module):
@@ -400,10 +403,10 @@ class DeepseekV4Model(nn.Module):
         self.register_buffer("compress_inv_freq", cfg.rope_compress.inv_freq(), persistent=False)
 
     def _cos_sin(self, label: str, positions, dtype):
-        inv = self.main_inv_freq if label == "main" else self.compress_inv_freq
+        inv_freq = self.main_inv_freq if label == "main" else self.compress_inv_freq
         scale = (self.cfg.rope_main if label == "main" else self.cfg.rope_compress).attention_factor
-        freqs = positions.float().unsqueeze(-1) * inv.float().unsqueeze(0)
-        return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+        cos, sin = inv.cos_sin(positions.float().unsqueeze(-1) * inv_freq.float().unsqueeze(0))
+        return (cos * scale).to(dtype), (sin * scale).to(dtype)
 
     def forward(self, meta: ForwardMeta, cache: KVCache):
         x = self.embed_tokens(meta.input_ids)

@@ -23,8 +23,8 @@ import torch
 
 from parity import quant as pq
 from runners.engine import faults
+from runners.engine.ops import invariant as inv
 from runners.engine.ops import register
-from runners.engine.ops.torch_ops import row_linear
 
 FP8_SUFFIXES, FP4_SUFFIXES = pq.DSV4_FP8_SUFFIXES, pq.DSV4_FP4_SUFFIXES
 weight_format = pq.dsv4_weight_format
@@ -63,19 +63,24 @@ def qdq_act(x: torch.Tensor) -> torch.Tensor:
 
 @register("fp8_linear", "torch")
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    w = pq.dequantize_fp8_weight(w_q, w_scale, dtype=x.dtype)
-    return row_linear(qdq_act(x), w)
+    return inv.linear_decoded(qdq_act(x), w_q, lambda: pq.dequantize_fp8_weight(w_q, w_scale, dtype=x.dtype),
+                              tag=x.dtype)
 
 
 def fp8_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype) -> torch.Tensor:
     return pq.dequantize_fp8_weight(w_q, w_scale, dtype=dtype)
 
 
-def fp4_expert(x, gate_up, gate_up_scale, down, down_scale, limit, hidden, inter):
-    """One routed expert with FP4 weights: [n, hidden] -> [n, hidden]."""
+def fp4_expert(x, e, gate_up, gate_up_scale, down, down_scale, limit, hidden, inter):
+    """Routed expert e with FP4 weights ([E, ...] codes and scales): [n, hidden] -> [n, hidden]."""
     from runners.engine.ops.torch_ops import swiglu
 
-    w13 = pq.dequantize_fp4_weight(gate_up, gate_up_scale, k=hidden, dtype=x.dtype)
-    w2 = pq.dequantize_fp4_weight(down, down_scale, k=inter, dtype=x.dtype)
-    h = swiglu(row_linear(qdq_act(x), w13), limit)
-    return row_linear(qdq_act(h), w2)
+    if inv.enabled(x):  # every expert decoded (and split) once, then cached
+        w13 = lambda: pq.dequantize_fp4_weight(gate_up, gate_up_scale, k=hidden, dtype=x.dtype)  # noqa: E731
+        w2 = lambda: pq.dequantize_fp4_weight(down, down_scale, k=inter, dtype=x.dtype)  # noqa: E731
+    else:
+        w13 = lambda: pq.dequantize_fp4_weight(gate_up[e], gate_up_scale[e], k=hidden, dtype=x.dtype)  # noqa: E731
+        w2 = lambda: pq.dequantize_fp4_weight(down[e], down_scale[e], k=inter, dtype=x.dtype)  # noqa: E731
+    index = e if inv.enabled(x) else None
+    h = swiglu(inv.linear_decoded(qdq_act(x), gate_up, w13, index=index, tag=x.dtype), limit)
+    return inv.linear_decoded(qdq_act(h), down, w2, index=index, tag=x.dtype)

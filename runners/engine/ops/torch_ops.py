@@ -6,12 +6,11 @@ Every op works on flat token rows ``[T, ...]``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from runners.engine import faults
+from runners.engine.ops import invariant as inv
 from runners.engine.ops import register
 
 # Gathered attention keys are [T, K, D]; bound one chunk's size so long
@@ -28,13 +27,14 @@ def _row_chunks(n_rows: int, per_row: int):
 @register("rmsnorm", "torch")
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * inv.rsqrt(inv.mean(h * h, -1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
 @register("rmsnorm_unweighted", "torch")
 def rmsnorm_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+    h = x.float()
+    return x * inv.rsqrt(inv.mean(h * h, -1, keepdim=True) + eps).to(x.dtype)
 
 
 @register("rope", "torch")
@@ -93,13 +93,15 @@ def sparse_attention(q, sources, sinks, scale):
                 masks.append(i < 0)
             kv = torch.cat(keys, dim=1)  # [t, K, D]
             invalid = torch.cat(masks, dim=1)
-            logits = torch.bmm(q[rows], kv.transpose(1, 2)) * scale  # [t, H, K], in the activation dtype
+            logits = inv.matmul(q[rows], kv.transpose(1, 2)) * scale  # [t, H, K], in the activation dtype
             logits = logits.masked_fill(invalid.unsqueeze(1), float("-inf"))
             # the fp32 sink promotes the softmax to fp32, as in the reference
             logits = torch.cat([logits.float(), sink.expand(rows.numel(), H, 1)], dim=-1)
             logits = logits - logits.max(dim=-1, keepdim=True).values
-            probs = torch.softmax(logits, dim=-1)[..., :-1]
-            out[rows] = torch.bmm(probs.to(kv.dtype), kv)
+            probs = inv.softmax(logits, dim=-1)[..., :-1]
+            # masked keys are another sequence's rows (or stale ones): zero, so that
+            # nothing of theirs reaches this row, not even through rounding
+            out[rows] = inv.matmul(probs.to(kv.dtype), kv.masked_fill(invalid.unsqueeze(-1), 0))
     return out
 
 
@@ -110,7 +112,7 @@ def compressor_pool(kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     The softmax runs over the L source tokens of each channel in fp32; slots
     with gate -inf (before the first token) get weight 0.
     """
-    return (kv * gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)).sum(dim=1)
+    return inv.sum(kv * inv.softmax(gate, dim=1, dtype=torch.float32).to(kv.dtype), dim=1)
 
 
 @register("indexer_topk", "torch")
@@ -144,9 +146,9 @@ def indexer_topk(q, weights, key_src, entry_idx, token_seq, limit, k, softmax_sc
         for s, e in _row_chunks(rows_all.numel(), width * q.shape[1]):
             rows = rows_all[s:e]
             kt = keys[b, :width].unsqueeze(0).expand(rows.numel(), -1, -1)  # [t, width, d]
-            scores = torch.matmul(q[rows].float(), kt.transpose(1, 2))  # [t, Hi, width]
+            scores = inv.matmul(q[rows].float(), kt.transpose(1, 2))  # [t, Hi, width]
             scores = F.relu(scores) * softmax_scale
-            scores = (scores * weights[rows].float().unsqueeze(-1)).sum(dim=1)  # [t, width]
+            scores = inv.sum(scores * weights[rows].float().unsqueeze(-1), dim=1)  # [t, width]
             lim = limit[rows].unsqueeze(-1)
             scores = scores.masked_fill(ar[:width].view(1, -1) >= lim, float("-inf"))
             top = scores.topk(kw, dim=-1).indices
@@ -154,67 +156,14 @@ def indexer_topk(q, weights, key_src, entry_idx, token_seq, limit, k, softmax_sc
     return out
 
 
-# Batch invariance: a GEMM library picks its kernel (and so its summation
-# order) from the number of rows, so a token's result would depend on how many
-# other tokens share the forward. Feeding every GEMM fixed blocks of
-# _ROW_BLOCK rows makes each row's result independent of the batch, which is
-# what lets `parity slot-invariance` demand bitwise equality of this engine.
-# On by default on the CPU (cheap there); PARITY_ENGINE_BATCH_INVARIANT=1|0
-# forces it on or off on every device.
-_ROW_BLOCK = 64
-_BI_SETTING = os.environ.get("PARITY_ENGINE_BATCH_INVARIANT", "auto").strip().lower()
-
-
-def _batch_invariant(x: torch.Tensor) -> bool:
-    if _BI_SETTING in ("1", "true", "on", "yes"):
-        return True
-    if _BI_SETTING in ("0", "false", "off", "no"):
-        return False
-    return x.device.type == "cpu"
-
-
-def row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear (x in weight's dtype), batch-invariant per row when enabled."""
-    x = x.to(weight.dtype)
-    if not _batch_invariant(x):
-        return F.linear(x, weight)
-    lead, k = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, k)
-    n = rows.shape[0]
-    if n == 0:
-        return x.new_empty(*lead, weight.shape[0])
-    pad = (-n) % _ROW_BLOCK
-    if pad:
-        rows = torch.cat([rows, rows.new_zeros(pad, k)])
-    out = rows.new_empty(rows.shape[0], weight.shape[0])
-    wt = weight.t()
-    for s in range(0, rows.shape[0], _ROW_BLOCK):
-        torch.mm(rows[s:s + _ROW_BLOCK], wt, out=out[s:s + _ROW_BLOCK])
-    return out[:n].view(*lead, weight.shape[0])
-
-
-def lane_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """sigmoid whose value does not depend on where a row sits in the batch.
-
-    The CPU kernel runs a vectorised exp on full vector lanes and a scalar exp
-    on the leftover tail, and the two round differently; with few columns
-    ([T, hc]) which elements fall in the tail depends on T. Padding each row
-    to 16 columns keeps every element on the vector path."""
-    cols = x.shape[-1]
-    if x.device.type != "cpu" or cols % 16 == 0:
-        return torch.sigmoid(x)
-    padded = F.pad(x, (0, (-cols) % 16))
-    return torch.sigmoid(padded)[..., :cols]
-
-
 @register("linear", "torch")
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return row_linear(x, weight)
+    return inv.linear(x, weight)
 
 
 def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+    return inv.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
 
 
 @register("fused_moe", "torch")
@@ -244,14 +193,14 @@ def fused_moe(x, ids, weights, w13, w2, limit, expert_fn=None):
             continue
         seg = rows[start : start + n]
         if expert_fn is None:
-            y[start : start + n] = row_linear(swiglu(row_linear(seg, w13[e]), limit), w2[e])
+            y[start : start + n] = inv.linear(swiglu(inv.linear(seg, w13, index=e), limit), w2, index=e)
         else:
             y[start : start + n] = expert_fn(e, seg)
         start += n
     pairs = torch.empty_like(y)
     pairs[order] = y
     pairs = pairs.view(T, k, D) * w_sorted.unsqueeze(-1).to(y.dtype)
-    return pairs.sum(dim=1)
+    return inv.sum(pairs, dim=1)
 
 
 @register("hc_sinkhorn", "torch")
@@ -263,21 +212,21 @@ def hc_sinkhorn(streams, fn, base, scale, iters: int, eps: float, norm_eps: floa
     """
     hc = streams.shape[1]
     flat = rmsnorm_unweighted(streams.flatten(start_dim=1).float(), norm_eps)
-    pre_w, post_w, comb_w = row_linear(flat, fn.float()).split([hc, hc, hc * hc], dim=-1)
+    pre_w, post_w, comb_w = inv.linear(flat, fn).split([hc, hc, hc * hc], dim=-1)
     pre_b, post_b, comb_b = base.split([hc, hc, hc * hc])
     pre_s, post_s, comb_s = scale.unbind(0)
-    pre = lane_sigmoid(pre_w * pre_s + pre_b) + eps
-    post = 2 * lane_sigmoid(post_w * post_s + post_b)
-    comb = torch.softmax(comb_w.view(-1, hc, hc) * comb_s + comb_b.view(hc, hc), dim=-1) + eps
+    pre = inv.sigmoid(pre_w * pre_s + pre_b) + eps
+    post = 2 * inv.sigmoid(post_w * post_s + post_b)
+    comb = inv.softmax(comb_w.view(-1, hc, hc) * comb_s + comb_b.view(hc, hc), dim=-1) + eps
     low = faults.active("sinkhorn_bf16")
     if low:
         # FAULT sinkhorn_bf16: the softmax output is normalised in the activation dtype (a bf16 Sinkhorn
         # shared with other code) and cast back to fp32; every row and column sum rounds to bf16.
         comb = comb.to(streams.dtype)
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    comb = comb / (inv.sum(comb, dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        comb = comb / (inv.sum(comb, dim=-1, keepdim=True) + eps)
+        comb = comb / (inv.sum(comb, dim=-2, keepdim=True) + eps)
     if low:
         comb = comb.float()
     return pre, post, comb
