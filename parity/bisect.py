@@ -141,8 +141,14 @@ def bisect_table(res: CompareResult) -> BisectResult:
                                               "enters", "decision_flip"])
     stage_cols = ["stage", "key", "input", "input_err", "output_err", "growth", "verdict", "meaning", "where", "reason"]
     if not res.failed:
-        return BisectResult(None, None, None, "no divergence: every pair passes", pd.DataFrame(columns=stage_cols),
-                            curve, [], res)
+        warn = res.table[res.table["verdict"] == "warn"] if len(res.table) else res.table
+        if len(warn):  # a suspect pair is a finding, not a pass
+            r = warn.iloc[0]
+            msg = (f"no divergence proven; {len(warn)} suspect pair(s), the first {r['key']} ({_where(r)}): "
+                   f"{r['reason']}")
+        else:
+            msg = "no divergence: every pair passes"
+        return BisectResult(None, None, None, msg, pd.DataFrame(columns=stage_cols), curve, [], res)
     if not entries:
         first = next(e for e in keys if e["status"] == 2)
         where = f"layer {first['layer']}" if isinstance(first["layer"], int) else "outside the decoder layers"
@@ -193,10 +199,11 @@ def bisect_table(res: CompareResult) -> BisectResult:
 
 
 def layer_bisect(ref, target, *, mapping=None, preset=None, floor=None, filter=None, m=None, atol=None,
-                 compare: CompareResult | None = None) -> BisectResult:
+                 noise=None, compare: CompareResult | None = None) -> BisectResult:
     """Find the first layer and stage where ``target`` stops agreeing with
     ``ref``. Arguments as for ``compare_dumps``; pass ``compare`` to reuse a
     finished comparison."""
     res = compare if compare is not None else compare_dumps(ref, target, mapping=mapping, preset=preset,
-                                                            floor=floor, filter=filter, m=m, atol=atol)
+                                                            floor=floor, filter=filter, m=m, atol=atol,
+                                                            noise=noise)
     return bisect_table(res)

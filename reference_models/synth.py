@@ -2,9 +2,11 @@
 
     python -m reference_models.synth --preset tiny --seed 0 --out DIR [--dtype bf16|fp32]
 
-The same preset, seed and dtype always give the same bytes: every tensor has
-its own generator seeded from (seed, tensor name), so neither the order of
-generation nor the transformers version's parameter order matters.
+The same preset, seed and dtype always give the same bytes, on every CPU:
+every tensor has its own generator seeded from (seed, tensor name), so
+neither the order of generation nor the transformers version's parameter
+order matters, and normals are drawn in float64, whose sampler does not
+depend on the CPU's vector width (the float32 one does).
 
 The weights are random but chosen not to hide bugs: norms are not all ones,
 attention sinks, compressor position biases and router correction biases are
@@ -56,7 +58,9 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def _normal(shape, std: float, g: torch.Generator, mean: float = 0.0) -> torch.Tensor:
-    return torch.randn(shape, generator=g, dtype=torch.float32) * std + mean
+    # Drawn in float64: torch's float32 normal sampler is vectorised per CPU
+    # capability (AVX2 and AVX-512 give other numbers), the float64 one is not.
+    return torch.randn(shape, generator=g, dtype=torch.float64).float() * std + mean
 
 
 def _fan_in(shape) -> int:

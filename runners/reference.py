@@ -186,12 +186,16 @@ def run_reference(
     stop_at_eos: bool = True,
     activations: bool = False,
     rounding: str = "ceil",
+    perturb_seed: int | None = None,
+    perturb_rate: float | None = None,
 ) -> ReferenceRun:
     """Run the reference over ``prompts`` (strings or token-id lists).
 
     ``dump`` turns capture on into that directory (other PARITY_* settings
     still apply); without it capture follows the environment. ``model`` and
-    ``tokenizer`` skip loading (tests, side-by-side runs)."""
+    ``tokenizer`` skip loading (tests, side-by-side runs). ``perturb_seed``:
+    a member of a noise ensemble, every op's output off by one rounding on a
+    share ``perturb_rate`` of its elements (``parity.noise.perturbed``)."""
     import contextlib
 
     from parity import capture
@@ -213,7 +217,14 @@ def run_reference(
     eos = set() if not stop_at_eos else set(eos_id if isinstance(eos_id, list) else [eos_id] if eos_id is not None else [])
 
     info = {"impl": "reference", "model": str(ckpt), "precision": precision, "quant_sim": bool(quant_sim),
-            "quant_sim_activations": bool(activations), "rounding": rounding}
+            "quant_sim_activations": bool(activations), "rounding": rounding, "perturb_seed": perturb_seed,
+            "perturb_rate": perturb_rate}
+    outer = contextlib.ExitStack()
+    if perturb_seed is not None:
+        from parity.noise import perturbed
+
+        # before capture's hooks, so that the records are the perturbed outputs
+        outer.enter_context(perturbed(model, perturb_seed, **({} if perturb_rate is None else {"rate": perturb_rate})))
     handle = capture.install(model, _capture_config(dump), run_info=info)
     if dump is not None and not handle.enabled:
         raise ParityError(f"capture into {dump} could not start (the reason is printed above)")
@@ -236,6 +247,7 @@ def run_reference(
                             generated=run.generated, greedy=run.greedy, forced=force_tokens is not None, **info)
     finally:
         handle.close()
+        outer.close()
     return run
 
 

@@ -1,13 +1,16 @@
 """Run the reference and the engine on the same token ids, with capture on.
 
     python -m runners.side_by_side --ckpt DIR (--prompts FILE | --gsm8k N [--data PATH]) --out DIR
-        [--precision fp32|bf16|fp8] [--slots N] [--decode-steps N] [--fault NAME] [--floor] [--force]
+        [--precision fp32|bf16|fp8] [--slots N] [--decode-steps N] [--fault NAME] [--floor] [--noise K]
+        [--force]
 
 Writes one dump per run into OUT and ``index.json`` saying which is which:
 
     target/     the engine, all prompts in one batch, greedy
     ref/        the reference, forced on the engine's tokens (teacher forcing)
     floor/      (--floor) the reference in fp64, forced on the same tokens
+    noise-<k>/  (--noise K) the reference with every op perturbed at the scale
+                of one rounding, seed k: a noise ensemble for the verdicts
     batched/    the engine, N sequences in N slots    } for slot invariance
                 that served other requests before
     solo-<i>/   the engine, prompt i alone, fresh      }
@@ -15,7 +18,8 @@ Writes one dump per run into OUT and ``index.json`` saying which is which:
 Then, for example:
 
     parity ref-vs-target --ref OUT/ref --target OUT/target --preset deepseek_v4
-    parity layer-bisect --ref OUT/ref --target OUT/target --preset deepseek_v4
+    parity layer-bisect --ref OUT/ref --target OUT/target --preset deepseek_v4 \
+        [--noise OUT/noise-0 --noise OUT/noise-1 ...]
     parity slot-invariance --dir OUT/batched --solo OUT/solo-0 --solo OUT/solo-1 ... \
         --filter SLOT_FILTER        (the regex is in index.json as slot_filter)
 """
@@ -92,6 +96,10 @@ class SideBySide:
     def floor(self) -> Path | None:
         p = self.index["dumps"].get("floor")
         return self.out / p if p else None
+
+    @property
+    def noise(self) -> list[Path]:
+        return [self.out / p for p in self.index["dumps"].get("noise") or []]
 
 
 # ---------------------------------------------------------------- faults
@@ -240,7 +248,7 @@ def _engine_run(ckpt, dump: Path, prompt_ids, *, precision, max_new_tokens, faul
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    prepare_out(out, force, lambda name: name in _OWNED or name.startswith("solo-"),
+    prepare_out(out, force, lambda name: name in _OWNED or name.startswith(("solo-", "noise-")),
                 hint="give --force to replace the runs in it")
 
 
@@ -254,7 +262,8 @@ def _batch_of(n_prompts: int, slots: int | None) -> list[int]:
 
 
 def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots: int | None = None,
-                     decode_steps: int = 4, fault: str | None = None, floor: bool = False, force: bool = False,
+                     decode_steps: int = 4, fault: str | None = None, floor: bool = False, noise: int = 0,
+                     force: bool = False,
                      device: str = "cpu", on_stage: Callable[[str], None] | None = None,
                      patch_engine: Callable | None = None) -> SideBySide:
     """Run engine and reference on ``prompts`` (strings or token-id lists)
@@ -263,7 +272,8 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
     ``decode_steps``: decode forwards after the prefill (so ``decode_steps +
     1`` new tokens). ``slots``: sequences in the batched run (default: one per
     prompt). ``fault``: engine bug-zoo fault, passed as PARITY_ENGINE_FAULT to
-    the engine runs only. ``on_stage(name)`` is called before each run.
+    the engine runs only. ``noise``: that many perturbed reference runs (a
+    noise ensemble, parity.noise) into ``noise-K/``. ``on_stage(name)`` is called before each run.
     ``patch_engine(engine)`` is called on every fresh engine before it runs:
     the way to inject a fault from outside the engine (tests, notebooks)."""
     from reference_models.load import load_tokenizer
@@ -273,6 +283,8 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
         raise ParityError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if decode_steps < 0:
         raise ParityError("--decode-steps must be >= 0")
+    if noise < 0:
+        raise ParityError("--noise must be >= 0")
     if not prompts:
         raise ParityError("no prompts")
     check_fault(fault)
@@ -310,6 +322,12 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
         if floor:
             with timed("floor"):
                 run_reference(ckpt, prompt_ids, dump=out / "floor", precision="fp64", **reference)
+        members = []
+        for k in range(noise):
+            with timed(f"noise-{k}"):
+                run_reference(ckpt, prompt_ids, dump=out / f"noise-{k}", precision=ref_cfg["precision"],
+                              perturb_seed=k, **reference)
+            members.append(f"noise-{k}")
     with timed("batched"):
         _engine_run(dump=out / "batched", prompt_ids=[prompt_ids[i] for i in batch], max_num_seqs=len(batch),
                     reuse_slots=True, **run)
@@ -335,7 +353,7 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
         "reference_greedy": ref.greedy,
         # Paths are relative to this file's folder, so the folder can move.
         "dumps": {"ref": "ref", "target": "target", "floor": "floor" if floor else None,
-                  "batched": "batched", "solo": solos},
+                  "batched": "batched", "solo": solos, "noise": members},
         "batched_prompts": batch,
         "slot_filter": SLOT_FILTER,
         "patched": patch_engine is not None,
@@ -370,6 +388,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-steps", type=int, default=4, help="decode forwards after the prefill (default 4)")
     ap.add_argument("--fault", help=f"engine fault to inject ({FAULT_ENV})")
     ap.add_argument("--floor", action="store_true", help="also write floor/: the reference in fp64")
+    ap.add_argument("--noise", type=int, default=0, metavar="K",
+                    help="also write noise-0..K-1/: perturbed reference runs, a noise ensemble (default 0)")
     ap.add_argument("--force", action="store_true", help="replace the runs in a non-empty --out")
     ap.add_argument("--device", default="cpu")
     return ap
@@ -383,14 +403,15 @@ def main(argv=None) -> int:
         prompts = prompts_from_args(args)
         res = run_side_by_side(args.ckpt, prompts, args.out, precision=args.precision, slots=args.slots,
                                decode_steps=args.decode_steps, fault=args.fault, floor=args.floor,
-                               force=args.force, device=args.device,
+                               noise=args.noise, force=args.force, device=args.device,
                                on_stage=lambda s: print(f"running {s}", file=sys.stderr, flush=True))
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     solos = " ".join(f"--solo {p}" for p in res.solos)
+    noise = "".join(f" --noise {p}" for p in res.noise)
     print(f"wrote {res.out / INDEX}\n"
-          f"  parity ref-vs-target --ref {res.ref} --target {res.target} --preset {PRESET}\n"
+          f"  parity ref-vs-target --ref {res.ref} --target {res.target} --preset {PRESET}{noise}\n"
           f"  parity slot-invariance --dir {res.batched} {solos} --filter '{SLOT_FILTER}'")
     return 0
 

@@ -56,6 +56,15 @@ def _bisect(side, floor=False):
     return layer_bisect(side.ref, side.target, preset=PRESET, floor=side.floor if floor else None)
 
 
+NOISE = 4  # members of a noise ensemble, where a test uses one
+
+
+def layer_bisect_noise(side):
+    from parity import layer_bisect
+
+    return layer_bisect(side.ref, side.target, preset=PRESET, noise=side.noise)
+
+
 def _slots(side, batched=None, solos=None):
     from parity import slot_invariance
     from parity.cli.demo import slot_verdict
@@ -210,7 +219,8 @@ def test_layer_bisect_finds_the_fault(tmp_path, fault, precision, layer, stage):
 
 @pytest.fixture(scope="module")
 def clean_bf16(tmp_path_factory):
-    return _side(tmp_path_factory.mktemp("zoo"), "clean-bf16", PROMPTS, steps=2, precision="bf16", floor=True)
+    return _side(tmp_path_factory.mktemp("zoo"), "clean-bf16", PROMPTS, steps=2, precision="bf16", floor=True,
+                 noise=NOISE)
 
 
 def test_clean_bf16_slots_are_bitwise_invariant(clean_bf16):
@@ -226,6 +236,22 @@ def test_clean_bf16_slots_are_bitwise_invariant(clean_bf16):
                                        "fp64 floor can size a flip; needs a per-record noise envelope")
 def test_clean_bf16_passes_fixed_and_noise_floor(clean_bf16):
     _assert_clean(clean_bf16, floor=True)
+
+
+def test_clean_bf16_passes_against_a_noise_model(clean_bf16):
+    # the ensemble flips indexer near-ties too, and carries them as far
+    b = layer_bisect_noise(clean_bf16)
+    assert b.key is None and not b.compare.failed, b.message
+    assert "noise, 4 members" in b.compare.table["reason"].iat[0]
+
+
+def test_noise_model_places_the_fp8_activation_scale_fault(tmp_path):
+    side = _side(tmp_path, "act-noise", fault="act_scale_round_nearest", precision="fp8", noise=NOISE)
+    b = layer_bisect_noise(side)
+    assert (b.layer, b.stage) == (0, "self_attn.q_a_proj:output"), b.message
+    clean = _side(tmp_path, "fp8-noise", precision="fp8", noise=NOISE)
+    cb = layer_bisect_noise(clean)
+    assert cb.key is None and not cb.compare.failed, cb.message
 
 
 def test_noise_floor_finds_the_precision_fault(tmp_path):

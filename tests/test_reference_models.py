@@ -50,6 +50,23 @@ def test_synthesis_is_deterministic(tiny_ckpt, tmp_path):
     assert (other / "model.safetensors").read_bytes() != (tiny_ckpt / "model.safetensors").read_bytes()
 
 
+def test_synthesis_gives_the_same_bytes_under_every_cpu_capability(tiny_ckpt, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    best = torch.backends.cpu.get_cpu_capability()
+    caps = {"AVX512": ["default", "avx2", "avx512"], "AVX2": ["default", "avx2"]}.get(best, ["default"])
+    root = Path(__file__).resolve().parents[1]
+    for cap in caps:
+        out = tmp_path / cap
+        code = f"from reference_models.synth import synthesize; synthesize('tiny', seed=0, out={str(out)!r}, dtype='fp32')"
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": cap, "PYTHONPATH": str(root)}
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, timeout=300)
+        for f in sorted(p.name for p in tiny_ckpt.iterdir() if p.suffix == ".safetensors"):
+            assert (out / f).read_bytes() == (tiny_ckpt / f).read_bytes(), (cap, f)
+
+
 def test_synthesis_refuses_to_overwrite(tiny_ckpt, tmp_path):
     out = tmp_path / "ck"
     out.mkdir()

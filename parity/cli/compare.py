@@ -39,6 +39,10 @@ def _floor_options(fn):
     fn = click.option("--floor", "floor", metavar="DIR", default=None,
                       help="The reference run at higher precision: a row fails when "
                            "err(target, floor) > m * err(ref, floor) + atol.")(fn)
+    fn = click.option("--noise", "noise", metavar="DIR", multiple=True,
+                      help="A member of a noise ensemble (a perturbed reference run, e.g. side_by_side "
+                           "--noise K); repeat it. Each row is judged against its record's envelope: fail "
+                           "beyond 2x it (docs/calibration.md). Takes precedence over --floor.")(fn)
     return fn
 
 
@@ -82,7 +86,9 @@ def _compare_summary(res) -> dict:
         s["decisions"] = (f"{len(flipped)} of {len(d)} (layer, decision) pairs differ"
                           + (f"; first at layer {flipped.iloc[0]['layer']} {flipped.iloc[0]['decision']}"
                              if len(flipped) else ""))
-    if res.floor:
+    if "noise_env" in res.table:
+        s["mode"] = "noise model"
+    elif res.floor:
         s["mode"] = "noise floor"
     return s
 
@@ -92,7 +98,7 @@ def _compare_summary(res) -> dict:
 @_floor_options
 @output_options
 @_plot_option
-def ref_vs_target(ref, target, map_file, preset, floor, m, atol, fmt, out, filter_, plot_dir):
+def ref_vs_target(ref, target, map_file, preset, floor, noise, m, atol, fmt, out, filter_, plot_dir):
     """Compare every aligned pair of records of two dumps, in execution order.
 
     Records meet on (canonical key, phase, step, call, sequence); ragged
@@ -102,7 +108,7 @@ def ref_vs_target(ref, target, map_file, preset, floor, m, atol, fmt, out, filte
     from parity.compare.api import compare_dumps
 
     res = compare_dumps(ref, target, mapping=map_file, preset=preset, floor=floor,
-                        filter=compile_filter(filter_), m=m, atol=atol)
+                        filter=compile_filter(filter_), m=m, atol=atol, noise=list(noise) or None)
     write_output(render(_compare_view(res, fmt), fmt, keep=res.worst(), summary=_compare_summary(res)), out)
     _notes(res.notes)
     if plot_dir:
@@ -117,7 +123,7 @@ def ref_vs_target(ref, target, map_file, preset, floor, m, atol, fmt, out, filte
 @_floor_options
 @output_options
 @_plot_option
-def layer_bisect_cmd(ref, target, map_file, preset, floor, m, atol, fmt, out, filter_, plot_dir):
+def layer_bisect_cmd(ref, target, map_file, preset, floor, noise, m, atol, fmt, out, filter_, plot_dir):
     """Find the first layer where an error enters, and the stage inside it.
 
     Prints the per-layer error curve (err L / err L-1, so amplification
@@ -127,7 +133,7 @@ def layer_bisect_cmd(ref, target, map_file, preset, floor, m, atol, fmt, out, fi
     from parity.bisect import layer_bisect
 
     res = layer_bisect(ref, target, mapping=map_file, preset=preset, floor=floor,
-                       filter=compile_filter(filter_), m=m, atol=atol)
+                       filter=compile_filter(filter_), m=m, atol=atol, noise=list(noise) or None)
     summary = {"result": res.message}
     if res.layer is not None:
         summary.update(layer=res.layer, stage=res.stage, key=res.key)

@@ -78,11 +78,31 @@ def _metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
     return pair_metrics(a, b)
 
 
+_TOKEN_BLOCK = 1 << 20  # elements per float64 block of the per-token error
+
+
+def token_median_error(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Median over tokens (the first dim) of ||a_t - b_t|| / ||b_t||: an
+    error that every token carries moves it, one that a few tokens carry
+    (a flipped routing choice, say) does not. None below two dims."""
+    if a.dim() < 2 or a.shape != b.shape or a.shape[0] == 0 or not a.is_floating_point():
+        return None
+    n = a.shape[0]
+    per = max(1, a[0].numel())
+    errs = []
+    step = max(1, _TOKEN_BLOCK // per)
+    for s in range(0, n, step):
+        x, y = a[s:s + step].reshape(-1, per).double(), b[s:s + step].reshape(-1, per).double()
+        errs.append((x - y).norm(dim=1) / y.norm(dim=1).clamp_min(1e-300))
+    e = torch.cat(errs)
+    return float(e.nanmedian()) if e.numel() else None
+
+
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _ids_row(row: dict, a: torch.Tensor, b: torch.Tensor) -> dict:
+def _ids_row(row: dict, a: torch.Tensor, b: torch.Tensor, noise=None) -> dict:
     """A decision tap, judged on sets per token. A flipped decision warns and
     never fails by itself: a near-tie flips under any rounding. The tensors
     downstream say whether it mattered, and carry a note pointing back here."""
@@ -98,13 +118,24 @@ def _ids_row(row: dict, a: torch.Tensor, b: torch.Tensor) -> dict:
     row["verdict"] = "pass" if frac == 0 else "warn"
     row["reason"] = "same sets" if frac == 0 else (
         f"decision differs for {frac:.1%} of tokens (mean set overlap {d['overlap_sum'] / d['tokens']:.3f})")
+    env = noise.flip_envelope(_row_key(row)) if noise is not None else None
+    if env is not None:
+        from parity.compare.verdict import noise_flip_verdict
+
+        v = noise_flip_verdict(frac, env, len(noise))
+        row["verdict"], row["reason"] = v.status, v.reason
     if a.shape[-1] != b.shape[-1]:
         row["reason"] += f"; widths {a.shape[-1]} vs {b.shape[-1]} compared as sets (-1 = none)"
     return row
 
 
-def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision) -> dict:
-    from parity.compare.verdict import floor_verdict, verdict_for
+def _row_key(row: dict) -> tuple:
+    return (row["key"], row["phase"], row["step"], row["seq"], row["rank"])
+
+
+def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision, noise=None,
+         token_errors: bool = False) -> dict:
+    from parity.compare.verdict import floor_verdict, noise_verdict, verdict_for
     from parity.decisions import decision_kind
 
     r, t = pair.ref, pair.target
@@ -117,7 +148,7 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision)
     try:
         a, b = _load(t, tdump), _load(r, rdump)
         if kind in ("ids", "topk") and not a.is_floating_point() and not b.is_floating_point():
-            return _ids_row(row, a, b)
+            return _ids_row(row, a, b, noise)
         a, b, how = comparable(a, b)
     except ShapeMismatch as exc:
         row["reason"] = str(exc)
@@ -128,6 +159,8 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision)
     row["dtype"] = _dtype_name(a) if a.dtype == b.dtype else f"{_dtype_name(a)}/{_dtype_name(b)}"
     m = _metrics(a, b)
     row.update(rel_l2=m.get("rel_l2"), cos=m.get("cos"), max_abs=m.get("max_abs"), frac_equal=m.get("frac_equal"))
+    if token_errors and m.get("rel_l2") is not None:
+        row["token_median"] = token_median_error(a, b)
     v = verdict_for(m, precision=precision)
     if fdump is not None and m.get("rel_l2") is not None and a.is_floating_point() and b.is_floating_point():
         if floor_piece is None:
@@ -144,6 +177,23 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision)
                 v = v if (m.get("nonfinite_mismatch") or m.get("shape_mismatch")) else fv
             except ShapeMismatch as exc:
                 notes.append(f"floor: {exc}; fixed thresholds")
+    if noise is not None and not (m.get("nonfinite_mismatch") or m.get("shape_mismatch")):
+        if m.get("rel_l2") is not None:
+            env = noise.envelope(_row_key(row))
+            if env is not None:
+                lp = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
+                tok = row.get("token_median")
+                v = noise_verdict(m["rel_l2"], env, lp, len(noise), token=tok,
+                                  token_envelope=noise.token_envelope(_row_key(row)))
+        else:  # an integer record: judged by its share of changed elements
+            env = noise.flip_envelope(_row_key(row))
+            if env is not None:
+                from parity.compare.verdict import noise_flip_verdict
+
+                v = noise_flip_verdict(1.0 - m["frac_equal"], env, len(noise))
+        if env is None:
+            notes.append("no noise record; fixed thresholds")
+        row["noise_env"] = env
     row["verdict"], row["reason"] = v.status, "; ".join([v.reason] + notes)
     return row
 
@@ -187,12 +237,21 @@ def _annotate_flips(table: pd.DataFrame, pairs: list[Pair]) -> None:
 
 def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor=None, filter=None,
                   m: float | None = None, atol: float | None = None, check_tokens: bool = True,
-                  decisions: bool = True) -> CompareResult:
+                  decisions: bool = True, noise=None, token_errors: bool = False) -> CompareResult:
     """Align the records of ``ref`` and ``target`` (dump dirs or Dumps) and
     compare every pair. ``mapping``: a mapping file, a Mapping, or None
     (identity); ``preset``: a preset name. ``floor``: the reference run at
     higher precision, for noise-floor verdicts (``m``, ``atol`` override the
-    per-dtype defaults). ``filter``: regular expression on canonical keys."""
+    per-dtype defaults). ``noise``: a NoiseModel, or member dump dirs of one
+    (perturbed reference runs): each pair is judged against its record's
+    envelope, and that takes precedence over the floor and fixed thresholds.
+    ``token_errors``: also the median over tokens of the per-token error
+    (column token_median; always with ``noise``). ``filter``: regular
+    expression on canonical keys."""
+    if noise is not None and not hasattr(noise, "envelope"):
+        from parity.noise import noise_model
+
+        noise = noise_model(ref, list(noise), mapping=mapping, preset=preset, filter=filter)
     rd, td = as_dump(ref), as_dump(target)
     fd = as_dump(floor) if floor is not None else None
     if mapping is None or isinstance(mapping, str):
@@ -233,10 +292,11 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
             cands = floor_idx.get(pair.ref.match, [])
             fp = next((c for c in cands if c.rank == pair.ref.rank), None) or next(
                 (c for c in cands if c.rank is None), None)
-        rows.append(_row(pair, rd, td, fp, fd, m, atol, precision))
+        rows.append(_row(pair, rd, td, fp, fd, m, atol, precision, noise, token_errors or noise is not None))
         rel_r.done(pair.ref.recs)
         rel_t.done(pair.target.recs)
-    cols = COLUMNS + (["err_target_floor", "err_ref_floor"] if fd is not None else [])
+    cols = COLUMNS + (["err_target_floor", "err_ref_floor"] if fd is not None else []) + \
+        (["token_median"] if token_errors or noise is not None else []) + (["noise_env"] if noise is not None else [])
     table = frame(rows, cols)
     dec = None
     if decisions:
@@ -247,4 +307,6 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
             dec = decisions_from_alignment(al, rd, td)
     if "flip_upstream" not in table:
         table["flip_upstream"] = ""
+    if noise is not None:
+        notes.append(f"verdicts against a noise model of {len(noise)} perturbed reference runs")
     return CompareResult(table, _only_frame(al.only_ref), _only_frame(al.only_target), notes, dec, fd is not None)

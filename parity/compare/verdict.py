@@ -210,3 +210,51 @@ def floor_verdict(err_target_floor: float, err_ref_floor: float, dtype,
     op = ">" if status == "fail" else "<="
     return Verdict(status, f"rel_l2 to floor {_e(err_target_floor)} {op} {m:g} x {_e(err_ref_floor)}"
                            f" + {_e(atol)} ({t.label} floor)")
+
+
+# Noise-model verdicts. A pair is judged against its record's envelope env:
+# the largest rel_l2 any member of a perturbed-reference ensemble showed.
+# Within env (plus the record's own last rounding) it passes; up to
+# NOISE_FAIL x env it is suspect (warn); beyond, it fails. Decision records
+# fail when their share of changed tokens exceeds NOISE_FAIL x the ensemble's
+# plus IDS_FAIL_FRAC. Why these numbers: docs/calibration.md.
+NOISE_FAIL = 2.0
+
+
+def noise_verdict(rel_l2: float, envelope: float, dtype, members: int, fail: float | None = None,
+                  token: float | None = None, token_envelope: float | None = None) -> Verdict:
+    """``token``/``token_envelope``: the median over tokens of the per-token
+    error, of this pair and of the ensemble. A record whose error is large in
+    a few tokens only (a flipped routing choice) has a wide envelope; an error
+    that every token carries shows in the median, against a narrow one."""
+    dt = _dtype(dtype)
+    if dt is None or not dt.is_floating_point:
+        raise ParityError(f"noise_verdict: a float dtype is needed, got {dtype!r}")
+    c = NOISE_FAIL if fail is None else fail
+    atol = THRESHOLDS[_key_for(dt)].floor_atol
+    if not math.isfinite(rel_l2):
+        return Verdict("fail", f"rel_l2 {rel_l2} is not finite")
+    tag = f"noise, {members} members"
+    if token is not None and token_envelope is not None and token > c * token_envelope + atol:
+        return Verdict("fail", f"median per-token error {_e(token)} > {c:g} x the envelope's {_e(token_envelope)} "
+                               f"+ {_e(atol)} (rel_l2 {_e(rel_l2)}; {tag})")
+    if rel_l2 <= envelope + atol:
+        return Verdict("pass", f"rel_l2 {_e(rel_l2)} within the envelope {_e(envelope)} + {_e(atol)} ({tag})")
+    score = (rel_l2 - atol) / envelope if envelope > 0 else math.inf
+    if rel_l2 <= c * envelope + atol:
+        return Verdict("warn", f"suspect: rel_l2 {_e(rel_l2)} is {score:.2g} x the envelope {_e(envelope)} ({tag})")
+    return Verdict("fail", f"rel_l2 {_e(rel_l2)} > {c:g} x the envelope {_e(envelope)} + {_e(atol)} ({tag})")
+
+
+def noise_flip_verdict(frac: float, envelope: float, members: int, fail: float | None = None) -> Verdict:
+    c = NOISE_FAIL if fail is None else fail
+    tag = f"noise, {members} members"
+    if frac <= envelope:
+        return Verdict("pass" if frac == 0 else "warn",
+                       "same decisions" if frac == 0 else
+                       f"decision differs for {frac:.1%} of tokens, as often as in the ensemble ({envelope:.1%}; {tag})")
+    if frac <= c * envelope + IDS_FAIL_FRAC:
+        return Verdict("warn", f"suspect: decision differs for {frac:.1%} of tokens, the ensemble at most "
+                               f"{envelope:.1%} ({tag})")
+    return Verdict("fail", f"decision differs for {frac:.1%} of tokens > {c:g} x the ensemble's {envelope:.1%} + "
+                           f"{IDS_FAIL_FRAC:.0%} ({tag})")

@@ -1,0 +1,70 @@
+"""Per-record noise envelopes from an ensemble of perturbed reference runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from parity.errors import ParityError
+
+Key = tuple  # (canonical key, phase, step, seq, rank)
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """For every record of the reference: the largest rel_l2 and the largest
+    share of tokens with a different decision that any member of the
+    ensemble showed against the reference."""
+
+    members: tuple[str, ...]
+    rel_l2: dict = field(default_factory=dict)   # Key -> float
+    flips: dict = field(default_factory=dict)    # Key -> float, decision records
+    token: dict = field(default_factory=dict)    # Key -> float: median over tokens of the per-token error
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def envelope(self, key: Key) -> float | None:
+        return self.rel_l2.get(key)
+
+    def flip_envelope(self, key: Key) -> float | None:
+        return self.flips.get(key)
+
+    def token_envelope(self, key: Key) -> float | None:
+        return self.token.get(key)
+
+
+def row_key(row) -> Key:
+    return (row["key"], row["phase"], row["step"], row["seq"], row["rank"])
+
+
+def noise_model(ref, members, *, mapping=None, preset: str | None = None, filter=None,
+                check_tokens: bool = True) -> NoiseModel:
+    """Read each member dump against ``ref`` (as ref-vs-target would, with the
+    same mapping) into a NoiseModel. Members must be runs of the reference on
+    the same tokens."""
+    from parity.compare.api import compare_dumps
+
+    members = [str(m) for m in members]
+    if not members:
+        raise ParityError("a noise model needs at least one ensemble member")
+    rel, flips, token = {}, {}, {}
+    for m in members:
+        res = compare_dumps(ref, m, mapping=mapping, preset=preset, filter=filter, decisions=False,
+                            check_tokens=check_tokens, token_errors=True)
+        t = res.table
+        if len(res.only_ref):
+            raise ParityError(f"noise member {m}: {len(res.only_ref)} records of the reference are missing; "
+                              "a member must repeat the reference run")
+        for i in range(len(t)):
+            r = t.iloc[i]
+            k = row_key(r)
+            v = r["rel_l2"]
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                rel[k] = max(rel.get(k, 0.0), float(v))
+                tm = r.get("token_median")
+                if tm is not None and not (isinstance(tm, float) and math.isnan(tm)):
+                    token[k] = max(token.get(k, 0.0), float(tm))
+            elif r["frac_equal"] is not None and not (isinstance(r["frac_equal"], float) and math.isnan(r["frac_equal"])):
+                flips[k] = max(flips.get(k, 0.0), 1.0 - float(r["frac_equal"]))
+    return NoiseModel(tuple(members), rel, flips, token)
