@@ -146,3 +146,13 @@ def test_synthesizes_the_tiny_preset_when_the_checkpoint_is_missing(tmp_path, mo
     assert (ckpt / "config.json").is_file() and (ckpt / "tokenizer.json").is_file() and said
     # Cached: the second call synthesizes nothing.
     assert demo.resolve_checkpoint(None, said.append) == ckpt and len(said) == 1
+
+
+def test_bf16_demo_judges_by_a_noise_model(tmp_path):
+    r = _demo("--out", str(tmp_path / "report"), "--precision", "bf16", "--questions", "1", "--decode-steps", "1",
+              "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "(noise model: 4 perturbed reference runs)" in r.output
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["noise_members"] == 4 and summary["noise_floor"] is False
+    assert "--noise dumps/noise-3" in (tmp_path / "report" / "summary.md").read_text()

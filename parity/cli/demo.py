@@ -269,12 +269,16 @@ _ENGINE_STAGE = {"target": "engine: all prompts (target)", "ref": "reference, fo
 
 def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, precision: str | None = None,
              fault: str | None = None, data: str | None = None, force: bool = False, progress: bool = True,
-             floor: bool | None = None, patch_engine=None) -> DemoResult:
+             floor: bool | None = None, noise: int | None = None, patch_engine=None) -> DemoResult:
     """Everything ``parity demo`` does; returns what it found. ``precision``
     None: fp32, or what ``fault`` needs. ``floor``: also run the reference in
     fp64 and judge by the noise floor instead of fixed thresholds; None: for
     bf16 and fp8, where the model's fp32 records (hyper-connections, sinks)
-    inherit bf16 error from their inputs and fixed fp32 limits misfire."""
+    inherit bf16 error from their inputs and fixed fp32 limits misfire.
+    ``noise``: members of a noise ensemble (perturbed reference runs) to judge
+    by instead; None: 4 for bf16 and fp8 (where fixed thresholds and the
+    floor raise false alarms after near-tie flips: docs/calibration.md), 0
+    for fp32. With a noise model the floor is off unless asked for."""
     import torch
 
     from parity.bisect import layer_bisect
@@ -290,11 +294,16 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
     ckpt = resolve_checkpoint(ckpt, say)
     sbs = _outside("runners.side_by_side")
 
+    if noise is None:
+        noise = 0 if precision == "fp32" else 4
+    if noise < 0:
+        raise ParityError("--noise must be >= 0")
     if floor is None:
-        floor = precision != "fp32"
+        floor = precision != "fp32" and noise == 0
     distinct = len(prompts)
     stages = (["engine: all prompts (target)", "reference, forced on engine tokens"]
-              + (["reference in fp64 (floor)"] if floor else []) + ["engine: batched run"]
+              + (["reference in fp64 (floor)"] if floor else [])
+              + [f"reference, noise member {k}" for k in range(noise)] + ["engine: batched run"]
               + [f"engine: prompt {i} alone" for i in range(distinct)]
               + ["ref-vs-target", "layer-bisect", "slot-invariance", "plots and report"])
     bar = _Progress(stages, progress)
@@ -307,12 +316,13 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
     try:
         side = sbs.run_side_by_side(
             ckpt, prompts, out / "dumps", precision=precision, decode_steps=decode_steps, fault=fault,
-            floor=floor, force=True, patch_engine=patch_engine,
-            on_stage=lambda s: bar.stage(_ENGINE_STAGE.get(s, f"engine: prompt {s[5:]} alone")))
+            floor=floor, noise=noise, force=True, patch_engine=patch_engine,
+            on_stage=lambda s: bar.stage(_ENGINE_STAGE.get(s) or (
+                f"reference, noise member {s[6:]}" if s.startswith("noise-") else f"engine: prompt {s[5:]} alone")))
         timings.update(side.timings)
         t = time.perf_counter()
         bar.stage("ref-vs-target")
-        cmp = compare_dumps(side.ref, side.target, preset=PRESET, floor=side.floor)
+        cmp = compare_dumps(side.ref, side.target, preset=PRESET, floor=side.floor, noise=side.noise or None)
         timings["ref-vs-target"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         bar.stage("layer-bisect")
@@ -365,7 +375,8 @@ def summary_lines(res: DemoResult) -> list[str]:
         f"checkpoint:      {idx['checkpoint']}",
         f"prompts:         {res.source}; {idx['precision']}; {idx['decode_steps']} decode steps; fault: {fault}",
         f"ref-vs-target:   {'FAIL' if res.compare.failed else 'pass'}: {_compare_line(res.compare)}"
-        + (" (noise floor: fp64 reference)" if res.compare.floor else ""),
+        + (f" (noise model: {len(res.side.noise)} perturbed reference runs)" if res.side.noise else
+           " (noise floor: fp64 reference)" if res.compare.floor else ""),
         f"layer-bisect:    {res.bisect.message}",
         f"slot-invariance: {res.slot.status.upper()}: {res.slot.message}",
         f"verdict:         {verdict} (exit {res.exit_code})",
@@ -388,6 +399,7 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
     d = "dumps"
     solos = " ".join(f"--solo {d}/{p}" for p in idx["dumps"]["solo"])
     floor_opt = f" --floor {d}/floor" if cmp.floor else ""
+    floor_opt += "".join(f" --noise {d}/{p}" for p in idx["dumps"].get("noise") or [])
     lines = ["# parity demo", "", "```", *summary_lines(res), "```", ""]
     lines += ["## What ran", "",
               f"The engine (`runners/engine`, {precision}) and the transformers reference read the same token "
@@ -422,6 +434,7 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
     summary = {
         "diverged": res.diverged, "exit_code": res.exit_code, "checkpoint": idx["checkpoint"], "source": res.source,
         "precision": precision, "decode_steps": decode_steps, "fault": fault, "noise_floor": cmp.floor,
+        "noise_members": len(res.side.noise),
         "ref_vs_target": cmp.summary(),
         "layer_bisect": {"layer": bis.layer, "stage": bis.stage, "key": bis.key, "message": bis.message,
                          "entries": bis.entries},
@@ -462,11 +475,14 @@ class _FaultOption(click.Option):
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8"]), default=None,
               help="Engine precision (default fp32, or the one a --fault needs).")
 @click.option("--floor/--no-floor", default=None,
-              help="Also run the reference in fp64 and judge by the noise floor (default: on for bf16 and fp8).")
+              help="Also run the reference in fp64 and judge by the noise floor (default: on for bf16 and fp8 "
+                   "without --noise).")
 @click.option("--data", metavar="FILE", default=None,
               help="GSM8K test jsonl (default: ../shared/data/gsm8k/test.jsonl; built-in questions when missing).")
+@click.option("--noise", type=int, default=None, metavar="K",
+              help="Judge by a noise model of K perturbed reference runs (default: 4 for bf16 and fp8, 0 for fp32).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-def demo(out, force, fault, ckpt, questions, decode_steps, precision, floor, data, no_progress):
+def demo(out, force, fault, ckpt, questions, decode_steps, precision, floor, noise, data, no_progress):
     """Run engine and reference side by side on a few GSM8K questions and check them.
 
     Prints the ref-vs-target summary, the layer-bisect verdict and the
@@ -477,6 +493,6 @@ def demo(out, force, fault, ckpt, questions, decode_steps, precision, floor, dat
     if decode_steps < 0:
         raise ParityError("--decode-steps must be >= 0")
     res = run_demo(out, ckpt=ckpt, questions=questions, decode_steps=decode_steps, precision=precision,
-                   fault=fault, data=data, force=force, progress=not no_progress, floor=floor)
+                   fault=fault, data=data, force=force, progress=not no_progress, floor=floor, noise=noise)
     click.echo("\n".join(summary_lines(res)))
     raise SystemExit(res.exit_code)

@@ -7,14 +7,22 @@ from dataclasses import dataclass, field
 
 from parity.errors import ParityError
 
-Key = tuple  # (canonical key, phase, step, seq, rank)
+Key = tuple  # (canonical key, phase, step, seq, rank), as a compare row names a pair
+
+
+def _pooled(key: Key) -> tuple:
+    # One envelope per record and phase, over its steps and sequences: a
+    # near-tie can flip at any token, and the ensemble's flips fall on other
+    # tokens than the target's, so a per-token envelope would miss them.
+    return (key[0], key[1], key[4])
 
 
 @dataclass(frozen=True)
 class NoiseModel:
-    """For every record of the reference: the largest rel_l2 and the largest
-    share of tokens with a different decision that any member of the
-    ensemble showed against the reference."""
+    """For every record of the reference and phase (prefill, decode): the
+    largest rel_l2, median per-token error and share of tokens with a
+    different decision that any member of the ensemble showed against the
+    reference, at any step and in any sequence."""
 
     members: tuple[str, ...]
     rel_l2: dict = field(default_factory=dict)   # Key -> float
@@ -25,13 +33,13 @@ class NoiseModel:
         return len(self.members)
 
     def envelope(self, key: Key) -> float | None:
-        return self.rel_l2.get(key)
+        return self.rel_l2.get(_pooled(key))
 
     def flip_envelope(self, key: Key) -> float | None:
-        return self.flips.get(key)
+        return self.flips.get(_pooled(key))
 
     def token_envelope(self, key: Key) -> float | None:
-        return self.token.get(key)
+        return self.token.get(_pooled(key))
 
 
 def row_key(row) -> Key:
@@ -58,7 +66,7 @@ def noise_model(ref, members, *, mapping=None, preset: str | None = None, filter
                               "a member must repeat the reference run")
         for i in range(len(t)):
             r = t.iloc[i]
-            k = row_key(r)
+            k = _pooled(row_key(r))
             v = r["rel_l2"]
             if v is not None and not (isinstance(v, float) and math.isnan(v)):
                 rel[k] = max(rel.get(k, 0.0), float(v))
