@@ -199,6 +199,7 @@ def run_reference(
     import contextlib
 
     from parity import capture
+    from parity.noise import DEFAULT_RATE, perturbed
     from reference_models.load import load_reference, load_tokenizer
     from reference_models.quant_sim import quant_sim as _quant_sim
     from reference_models.taps import reference_taps
@@ -216,39 +217,38 @@ def run_reference(
     eos_id = model.config.eos_token_id
     eos = set() if not stop_at_eos else set(eos_id if isinstance(eos_id, list) else [eos_id] if eos_id is not None else [])
 
+    if perturb_seed is not None and perturb_rate is None:
+        perturb_rate = DEFAULT_RATE
     info = {"impl": "reference", "model": str(ckpt), "precision": precision, "quant_sim": bool(quant_sim),
             "quant_sim_activations": bool(activations), "rounding": rounding, "perturb_seed": perturb_seed,
             "perturb_rate": perturb_rate}
-    outer = contextlib.ExitStack()
-    if perturb_seed is not None:
-        from parity.noise import perturbed
-
-        # before capture's hooks, so that the records are the perturbed outputs
-        outer.enter_context(perturbed(model, perturb_seed, **({} if perturb_rate is None else {"rate": perturb_rate})))
-    handle = capture.install(model, _capture_config(dump), run_info=info)
-    if dump is not None and not handle.enabled:
-        raise ParityError(f"capture into {dump} could not start (the reason is printed above)")
-    run = ReferenceRun(prompt_ids=prompt_ids, generated=[], greedy=[], dump_dir=handle.dump_dir)
-    try:
-        with contextlib.ExitStack() as stack:
-            if quant_sim:
-                stack.enter_context(_quant_sim(model, weights=True, activations=activations, rounding=rounding))
-            if handle.enabled:
-                stack.enter_context(reference_taps(model))
-            for i, prompt in enumerate(prompt_ids):
-                forced = force_tokens[i] if force_tokens is not None else None
-                gen, greedy, logits = _run_one(model, handle, i, prompt, forced, max_new_tokens, eos,
-                                               keep_logits, device)
-                run.generated.append(gen)
-                run.greedy.append(greedy)
-                if keep_logits:
-                    run.logits.append(logits)
-        handle.set_run_info(token_ids=run.token_ids, prompt_lens=[len(p) for p in prompt_ids],
-                            generated=run.generated, greedy=run.greedy, forced=force_tokens is not None, **info)
-    finally:
-        handle.close()
-        outer.close()
-    return run
+    with contextlib.ExitStack() as outer:  # the perturbation's hooks go on every way out
+        if perturb_seed is not None:
+            # before capture's hooks, so that the records are the perturbed outputs
+            outer.enter_context(perturbed(model, perturb_seed, rate=perturb_rate))
+        handle = capture.install(model, _capture_config(dump), run_info=info)
+        if dump is not None and not handle.enabled:
+            raise ParityError(f"capture into {dump} could not start (the reason is printed above)")
+        run = ReferenceRun(prompt_ids=prompt_ids, generated=[], greedy=[], dump_dir=handle.dump_dir)
+        try:
+            with contextlib.ExitStack() as stack:
+                if quant_sim:
+                    stack.enter_context(_quant_sim(model, weights=True, activations=activations, rounding=rounding))
+                if handle.enabled:
+                    stack.enter_context(reference_taps(model))
+                for i, prompt in enumerate(prompt_ids):
+                    forced = force_tokens[i] if force_tokens is not None else None
+                    gen, greedy, logits = _run_one(model, handle, i, prompt, forced, max_new_tokens, eos,
+                                                   keep_logits, device)
+                    run.generated.append(gen)
+                    run.greedy.append(greedy)
+                    if keep_logits:
+                        run.logits.append(logits)
+            handle.set_run_info(token_ids=run.token_ids, prompt_lens=[len(p) for p in prompt_ids],
+                                generated=run.generated, greedy=run.greedy, forced=force_tokens is not None, **info)
+        finally:
+            handle.close()
+        return run
 
 
 # ---------------------------------------------------------------- CLI

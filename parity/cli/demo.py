@@ -398,8 +398,8 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
     res.slots.table.to_csv(out / "slots.csv", index=False)
     d = "dumps"
     solos = " ".join(f"--solo {d}/{p}" for p in idx["dumps"]["solo"])
-    floor_opt = f" --floor {d}/floor" if cmp.floor else ""
-    floor_opt += "".join(f" --noise {d}/{p}" for p in idx["dumps"].get("noise") or [])
+    judge_opts = (f" --floor {d}/floor" if cmp.floor else "") + \
+        "".join(f" --noise {d}/{p}" for p in idx["dumps"].get("noise") or [])
     lines = ["# parity demo", "", "```", *summary_lines(res), "```", ""]
     lines += ["## What ran", "",
               f"The engine (`runners/engine`, {precision}) and the transformers reference read the same token "
@@ -426,8 +426,8 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
                                                            "reason"]), ""]
     lines += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in res.plots] + [""]
     lines += ["## Re-run by hand", "", "From this folder:", "", "```bash",
-              f"parity ref-vs-target --ref {d}/ref --target {d}/target --preset {PRESET}{floor_opt}",
-              f"parity layer-bisect --ref {d}/ref --target {d}/target --preset {PRESET}{floor_opt}",
+              f"parity ref-vs-target --ref {d}/ref --target {d}/target --preset {PRESET}{judge_opts}",
+              f"parity layer-bisect --ref {d}/ref --target {d}/target --preset {PRESET}{judge_opts}",
               f"parity slot-invariance --dir {d}/batched {solos} --filter '{idx['slot_filter']}'",
               "```", "", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()), ""]
     (out / "summary.md").write_text("\n".join(lines), encoding="utf-8")

@@ -118,19 +118,26 @@ def _ids_row(row: dict, a: torch.Tensor, b: torch.Tensor, noise=None) -> dict:
     row["verdict"] = "pass" if frac == 0 else "warn"
     row["reason"] = "same sets" if frac == 0 else (
         f"decision differs for {frac:.1%} of tokens (mean set overlap {d['overlap_sum'] / d['tokens']:.3f})")
-    env = noise.flip_envelope(_row_key(row)) if noise is not None else None
-    if env is not None:
-        from parity.compare.verdict import noise_flip_verdict
-
-        v = noise_flip_verdict(frac, env, len(noise))
+    v = _flip_verdict(row, frac, noise) if noise is not None else None
+    if v is not None:
         row["verdict"], row["reason"] = v.status, v.reason
     if a.shape[-1] != b.shape[-1]:
         row["reason"] += f"; widths {a.shape[-1]} vs {b.shape[-1]} compared as sets (-1 = none)"
     return row
 
 
-def _row_key(row: dict) -> tuple:
+def row_key(row) -> tuple:
+    """(canonical key, phase, step, seq, rank): what names a compared pair."""
     return (row["key"], row["phase"], row["step"], row["seq"], row["rank"])
+
+
+def _flip_verdict(row, frac: float, noise):
+    """An integer record against the ensemble's share of changed elements; None without one."""
+    from parity.compare.verdict import noise_flip_verdict
+
+    env = noise.flip_envelope(row_key(row))
+    row["noise_env"] = env
+    return None if env is None else noise_flip_verdict(frac, env, len(noise))
 
 
 def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision, noise=None,
@@ -158,11 +165,13 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision,
     row["shape"] = list(b.shape)
     row["dtype"] = _dtype_name(a) if a.dtype == b.dtype else f"{_dtype_name(a)}/{_dtype_name(b)}"
     m = _metrics(a, b)
+    floats = a.is_floating_point() and b.is_floating_point()
+    coarser = (a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype) if floats else None
     row.update(rel_l2=m.get("rel_l2"), cos=m.get("cos"), max_abs=m.get("max_abs"), frac_equal=m.get("frac_equal"))
     if token_errors and m.get("rel_l2") is not None:
         row["token_median"] = token_median_error(a, b)
     v = verdict_for(m, precision=precision)
-    if fdump is not None and m.get("rel_l2") is not None and a.is_floating_point() and b.is_floating_point():
+    if fdump is not None and m.get("rel_l2") is not None and floats:
         if floor_piece is None:
             notes.append("no floor record; fixed thresholds")
         else:
@@ -171,29 +180,23 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision,
                 f, _, _ = comparable(f, b)
                 mt, mr = _metrics(a, f), _metrics(b, f)
                 row["err_target_floor"], row["err_ref_floor"] = mt.get("rel_l2"), mr.get("rel_l2")
-                lp = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
-                fv = floor_verdict(mt["rel_l2"], mr["rel_l2"], lp, m_floor, atol)
+                fv = floor_verdict(mt["rel_l2"], mr["rel_l2"], coarser, m_floor, atol)
                 # NaN/Inf disagreement and shape problems stay failures whatever the floor says.
                 v = v if (m.get("nonfinite_mismatch") or m.get("shape_mismatch")) else fv
             except ShapeMismatch as exc:
                 notes.append(f"floor: {exc}; fixed thresholds")
     if noise is not None and not (m.get("nonfinite_mismatch") or m.get("shape_mismatch")):
         if m.get("rel_l2") is not None:
-            env = noise.envelope(_row_key(row))
-            if env is not None:
-                lp = a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype
-                tok = row.get("token_median")
-                v = noise_verdict(m["rel_l2"], env, lp, len(noise), token=tok,
-                                  token_envelope=noise.token_envelope(_row_key(row)))
+            env = row["noise_env"] = noise.envelope(row_key(row))
+            nv = None if env is None else noise_verdict(
+                m["rel_l2"], env, coarser, len(noise), token=row.get("token_median"),
+                token_envelope=noise.token_envelope(row_key(row)))
         else:  # an integer record: judged by its share of changed elements
-            env = noise.flip_envelope(_row_key(row))
-            if env is not None:
-                from parity.compare.verdict import noise_flip_verdict
-
-                v = noise_flip_verdict(1.0 - m["frac_equal"], env, len(noise))
-        if env is None:
+            nv = _flip_verdict(row, 1.0 - m["frac_equal"], noise)
+        if nv is None:
             notes.append("no noise record; fixed thresholds")
-        row["noise_env"] = env
+        else:
+            v = nv
     row["verdict"], row["reason"] = v.status, "; ".join([v.reason] + notes)
     return row
 
@@ -251,7 +254,8 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
     if noise is not None and not hasattr(noise, "envelope"):
         from parity.noise import noise_model
 
-        noise = noise_model(ref, list(noise), mapping=mapping, preset=preset, filter=filter)
+        noise = noise_model(ref, list(noise), mapping=mapping, preset=preset, filter=filter,
+                            check_tokens=check_tokens)
     rd, td = as_dump(ref), as_dump(target)
     fd = as_dump(floor) if floor is not None else None
     if mapping is None or isinstance(mapping, str):

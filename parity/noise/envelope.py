@@ -42,8 +42,9 @@ class NoiseModel:
         return self.token.get(_pooled(key))
 
 
-def row_key(row) -> Key:
-    return (row["key"], row["phase"], row["step"], row["seq"], row["rank"])
+def _number(v) -> float | None:
+    # table cells: None, NaN (pandas' gap) or a number
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def noise_model(ref, members, *, mapping=None, preset: str | None = None, filter=None,
@@ -51,7 +52,7 @@ def noise_model(ref, members, *, mapping=None, preset: str | None = None, filter
     """Read each member dump against ``ref`` (as ref-vs-target would, with the
     same mapping) into a NoiseModel. Members must be runs of the reference on
     the same tokens."""
-    from parity.compare.api import compare_dumps
+    from parity.compare.api import compare_dumps, row_key
 
     members = [str(m) for m in members]
     if not members:
@@ -67,12 +68,11 @@ def noise_model(ref, members, *, mapping=None, preset: str | None = None, filter
         for i in range(len(t)):
             r = t.iloc[i]
             k = _pooled(row_key(r))
-            v = r["rel_l2"]
-            if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                rel[k] = max(rel.get(k, 0.0), float(v))
-                tm = r.get("token_median")
-                if tm is not None and not (isinstance(tm, float) and math.isnan(tm)):
-                    token[k] = max(token.get(k, 0.0), float(tm))
-            elif r["frac_equal"] is not None and not (isinstance(r["frac_equal"], float) and math.isnan(r["frac_equal"])):
-                flips[k] = max(flips.get(k, 0.0), 1.0 - float(r["frac_equal"]))
+            rel_l2, tm, eq = _number(r["rel_l2"]), _number(r.get("token_median")), _number(r["frac_equal"])
+            if rel_l2 is not None:
+                rel[k] = max(rel.get(k, 0.0), rel_l2)
+                if tm is not None:
+                    token[k] = max(token.get(k, 0.0), tm)
+            elif eq is not None:
+                flips[k] = max(flips.get(k, 0.0), 1.0 - eq)
     return NoiseModel(tuple(members), rel, flips, token)

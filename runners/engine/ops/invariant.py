@@ -73,14 +73,20 @@ _INV_LN2 = 1.44269504088896338700e00
 _EXP_TERMS = [1.0 / math.factorial(i) for i in range(14)]  # |r| <= ln2/2: remainder < 1e-17
 
 
+def _horner(x: torch.Tensor, terms: list[float]) -> torch.Tensor:
+    """sum_i terms[i] * x**i, highest power first."""
+    p = torch.full_like(x, terms[-1])
+    for c in reversed(terms[:-1]):
+        p = p * x + c
+    return p
+
+
 def _exp64(x: torch.Tensor) -> torch.Tensor:
     """exp of a float64 tensor: range reduction x = k ln2 + r, Taylor in r, times 2**k."""
     k = torch.round(x.clamp(-1080.0, 1030.0) * _INV_LN2)
     k = torch.where(torch.isnan(k), torch.zeros_like(k), k)
     r = (x - k * _LN2_HI) - k * _LN2_LO
-    p = torch.full_like(r, _EXP_TERMS[-1])
-    for c in reversed(_EXP_TERMS[:-1]):
-        p = p * r + c
+    p = _horner(r, _EXP_TERMS)
     half = torch.div(k, 2, rounding_mode="floor")  # two factors cover subnormal and near-overflow results
     y = p * _pow2(half.clamp(-1022, 1023)) * _pow2((k - half).clamp(-1022, 1023))
     y = torch.where(x > 709.8, torch.full_like(y, math.inf), y)
@@ -88,6 +94,7 @@ def _exp64(x: torch.Tensor) -> torch.Tensor:
 
 
 _SQRT_HALF = math.sqrt(0.5)
+_ATANH_TERMS = [1.0 / (2 * n + 1) for n in range(13)]  # atanh(s) / s in s**2, |s| <= 0.1716
 
 
 def _log64(y: torch.Tensor) -> torch.Tensor:
@@ -97,10 +104,7 @@ def _log64(y: torch.Tensor) -> torch.Tensor:
     f = torch.where(small, f * 2.0, f)
     e = (e - small.to(e.dtype)).to(torch.float64)
     s = (f - 1.0) / (f + 1.0)  # |s| <= 0.1716
-    s2 = s * s
-    p = torch.full_like(s, 1.0 / 25.0)
-    for n in range(11, -1, -1):
-        p = p * s2 + 1.0 / (2 * n + 1)
+    p = _horner(s * s, _ATANH_TERMS)
     out = e * _LN2_HI + (2.0 * s * p + e * _LN2_LO)
     out = torch.where(y == 0, torch.full_like(out, -math.inf), out)
     out = torch.where(y < 0, torch.full_like(out, math.nan), out)
@@ -114,21 +118,14 @@ _SIN_TERMS = [(-1) ** i / math.factorial(2 * i + 1) for i in range(9)]  # |r| <=
 _COS_TERMS = [(-1) ** i / math.factorial(2 * i) for i in range(10)]
 
 
-def _horner_even(r2: torch.Tensor, terms: list[float]) -> torch.Tensor:
-    p = torch.full_like(r2, terms[-1])
-    for c in reversed(terms[:-1]):
-        p = p * r2 + c
-    return p
-
-
 def _sincos64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sin, cos) of float64 angles up to about 1e6 in magnitude."""
     k = torch.round(x * _TWO_OVER_PI)
     k = torch.where(torch.isfinite(k), k, torch.zeros_like(k))
     r = x - k * _PIO2[0] - k * _PIO2[1] - k * _PIO2[2]
     r2 = r * r
-    s = r * _horner_even(r2, _SIN_TERMS)
-    c = _horner_even(r2, _COS_TERMS)
+    s = r * _horner(r2, _SIN_TERMS)
+    c = _horner(r2, _COS_TERMS)
     q = torch.remainder(k.to(torch.int64), 4)
     sin = torch.where(q == 0, s, torch.where(q == 1, c, torch.where(q == 2, -s, -c)))
     cos = torch.where(q == 0, c, torch.where(q == 1, -s, torch.where(q == 2, -c, s)))

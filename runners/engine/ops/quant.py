@@ -75,12 +75,10 @@ def fp4_expert(x, e, gate_up, gate_up_scale, down, down_scale, limit, hidden, in
     """Routed expert e with FP4 weights ([E, ...] codes and scales): [n, hidden] -> [n, hidden]."""
     from runners.engine.ops.torch_ops import swiglu
 
-    if inv.enabled(x):  # every expert decoded (and split) once, then cached
-        w13 = lambda: pq.dequantize_fp4_weight(gate_up, gate_up_scale, k=hidden, dtype=x.dtype)  # noqa: E731
-        w2 = lambda: pq.dequantize_fp4_weight(down, down_scale, k=inter, dtype=x.dtype)  # noqa: E731
-    else:
-        w13 = lambda: pq.dequantize_fp4_weight(gate_up[e], gate_up_scale[e], k=hidden, dtype=x.dtype)  # noqa: E731
-        w2 = lambda: pq.dequantize_fp4_weight(down[e], down_scale[e], k=inter, dtype=x.dtype)  # noqa: E731
-    index = e if inv.enabled(x) else None
+    # batch-invariant: every expert decoded (and its weight rounded) once, cached,
+    # then indexed; plain torch: only expert e, each call
+    index, pick = (e, slice(None)) if inv.enabled(x) else (None, e)
+    w13 = lambda: pq.dequantize_fp4_weight(gate_up[pick], gate_up_scale[pick], k=hidden, dtype=x.dtype)  # noqa: E731
+    w2 = lambda: pq.dequantize_fp4_weight(down[pick], down_scale[pick], k=inter, dtype=x.dtype)  # noqa: E731
     h = swiglu(inv.linear_decoded(qdq_act(x), gate_up, w13, index=index, tag=x.dtype), limit)
     return inv.linear_decoded(qdq_act(h), down, w2, index=index, tag=x.dtype)

@@ -27,14 +27,17 @@ def _row_chunks(n_rows: int, per_row: int):
 @register("rmsnorm", "torch")
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
-    h = h * inv.rsqrt(inv.mean(h * h, -1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return weight * (h * _inv_rms(h, eps)).to(x.dtype)
 
 
 @register("rmsnorm_unweighted", "torch")
 def rmsnorm_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.float()
-    return x * inv.rsqrt(inv.mean(h * h, -1, keepdim=True) + eps).to(x.dtype)
+    return x * _inv_rms(x.float(), eps).to(x.dtype)
+
+
+def _inv_rms(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(h^2) + eps) over the last dim of fp32 h, kept as [..., 1]."""
+    return inv.rsqrt(inv.mean(h * h, -1, keepdim=True) + eps)
 
 
 @register("rope", "torch")
