@@ -288,16 +288,16 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
     out = Path(out)
     t_start = time.perf_counter()
     precision = choose_precision(fault, precision)
+    if noise is None:
+        noise = 0 if precision == "fp32" else 4
+    if noise < 0:
+        raise ParityError("--noise must be >= 0")
     prepare_out(out, force)
     prompts, source = demo_prompts(questions, data)
     say = lambda msg: click.echo(f"parity demo: {msg}", err=True)
     ckpt = resolve_checkpoint(ckpt, say)
     sbs = _outside("runners.side_by_side")
 
-    if noise is None:
-        noise = 0 if precision == "fp32" else 4
-    if noise < 0:
-        raise ParityError("--noise must be >= 0")
     if floor is None:
         floor = precision != "fp32" and noise == 0
     distinct = len(prompts)
