@@ -21,6 +21,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -36,22 +37,96 @@ from parity.store.schema import Record
 _BLOCK = 1 << 20
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 COLUMNS = ["key", "layer", "stage", "phase", "step", "rank", "slot", "seq", "tokens", "frac_equal", "cos",
-           "max_abs", "invariant", "reason"]
+           "rel_l2", "max_abs", "invariant", "verdict", "reason"]
+Mode = Literal["auto", "bitwise", "rounding"]
+
+
+@dataclass(frozen=True)
+class SlotJudge:
+    """The rule every (record, slot) pair is judged by. ``noise`` is a
+    NoiseModel keyed by canonical keys; ``canonical`` maps this run's record
+    keys onto them (the mapping a ref-vs-target of this implementation uses)."""
+
+    mode: Literal["bitwise", "rounding"]
+    precision: str | None = None
+    noise: object = None
+    canonical: object = None
+
+    @property
+    def rule(self) -> str:
+        if self.mode == "bitwise":
+            return "bitwise: a slot must equal its baseline bit for bit"
+        if self.noise is not None:
+            return f"rounding: each pair against its record's envelope (noise model, {len(self.noise)} members)"
+        from parity.compare.verdict import thresholds_for
+
+        return f"rounding: each pair against the {thresholds_for(None, precision=self.precision).label} fixed limits"
+
+    def judge(self, key: str, phase, rank, dtype, m: dict):
+        """Verdict of a pair whose bits differ, from its metrics ``m``."""
+        from parity.compare.verdict import Verdict, flip_verdict, noise_flip_verdict, noise_verdict, verdict_for
+
+        if self.mode == "bitwise":
+            return Verdict("fail", m["reason"])
+        nkey = None
+        if self.noise is not None:
+            c = self.canonical(key) if self.canonical is not None else key
+            nkey = None if c is None else (c, phase, None, None, rank)
+        if m.get("rel_l2") is None:  # an integer decision: the share of elements it changed
+            frac = 1.0 - m["frac_equal"]
+            env = self.noise.flip_envelope(nkey) if nkey is not None else None
+            return flip_verdict(frac) if env is None else noise_flip_verdict(frac, env, len(self.noise))
+        env = self.noise.envelope(nkey) if nkey is not None else None
+        if env is not None:
+            return noise_verdict(m["rel_l2"], env, dtype, len(self.noise))
+        return verdict_for({"rel_l2": m["rel_l2"], "cos": m["cos"], "dtype_a": dtype, "dtype_b": dtype},
+                           precision=self.precision)
 
 
 @dataclass
 class SlotResult:
     table: pd.DataFrame             # one row per (record, slot) in execution order
-    first: pd.DataFrame             # per (slot, phase, step): first non-invariant layer and stage
+    first: pd.DataFrame             # per (slot, phase, step): first failing layer and stage
+    judge: SlotJudge = SlotJudge("bitwise")
     notes: list[str] = field(default_factory=list)
 
     @property
     def invariant(self) -> bool:
+        """Bitwise invariant, whatever rule judged."""
         return bool(len(self.table)) and bool(self.table["invariant"].all())
 
     @property
+    def status(self) -> str:
+        """pass (bitwise, or within rounding), warn (suspect pairs), fail."""
+        v = self.table["verdict"]
+        return "fail" if not len(self.table) or (v == "fail").any() else "warn" if (v == "warn").any() else "pass"
+
+    @property
     def exit_code(self) -> int:
-        return 0 if self.invariant else 1
+        return 1 if self.status == "fail" else 0
+
+    @property
+    def message(self) -> str:
+        t = self.table
+        n = len(t)
+        if self.invariant:
+            return f"bitwise invariant: all {n} (record, slot) pairs equal their baselines"
+        differ = int((~t["invariant"]).sum())
+        if self.status == "fail":
+            f = self.first.iloc[0]
+            where = f["phase"] + (f" step {f['step']}" if f["phase"] == "decode" else "")
+            slots = ", ".join(str(s) for s in sorted(set(self.first["slot"])))
+            beyond = "differs from its baseline" if self.judge.mode == "bitwise" else \
+                "computes something else (beyond rounding)"
+            return (f"slot {f['slot']} (seq {f['seq']}) {beyond}: first at layer {f['layer']} {f['stage']} "
+                    f"({where}; {f['reason']}); slots affected: {slots}")
+        suspect = int((t["verdict"] == "warn").sum())
+        floats = t[~t["invariant"] & t["rel_l2"].notna()]
+        worst = f"; worst rel_l2 {float(floats['rel_l2'].max()):.1e}" if len(floats) else ""
+        text = f"not bitwise, within rounding: {differ} of {n} (record, slot) pairs differ{worst}"
+        if suspect:
+            text += f"; {suspect} suspect pair(s) (above the pass limit, below the fail limit)"
+        return text
 
 
 def _libc_memcmp():
@@ -109,8 +184,8 @@ def _compare(a: torch.Tensor, b: torch.Tensor, key: str | None = None) -> dict:
     if a.dtype != b.dtype:
         return {"invariant": False, "reason": f"dtype {a.dtype} vs baseline {b.dtype}"}
     if bitwise_equal(a, b):
-        return {"frac_equal": 1.0, "cos": 1.0 if a.is_floating_point() else None, "max_abs": 0.0,
-                "invariant": True, "reason": ""}
+        return {"frac_equal": 1.0, "cos": 1.0 if a.is_floating_point() else None,
+                "rel_l2": 0.0 if a.is_floating_point() else None, "max_abs": 0.0, "invariant": True, "reason": ""}
     with _one_thread():
         m = _diff_metrics(a, b)
     reason = f"bits differ in {_percent(1 - m['frac_equal'])} of elements"
@@ -145,15 +220,16 @@ def _one_thread():
 
 
 def _diff_metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Bitwise-equal fraction, float64 cosine and max abs difference of two
-    same-dtype tensors, a bounded block at a time. Only these three: slots
+    """Bitwise-equal fraction, float64 cosine, rel_l2 (to the baseline ``b``)
+    and max abs difference of two same-dtype tensors, a bounded block at a
+    time. Only these: slots
     that differ are compared many times over, and the full pair metrics
     (ULP histograms and all) cost ten times as much."""
     fa, fb = a.reshape(-1), b.reshape(-1)
     n = fa.numel()
     bits = _BITS.get(a.element_size()) if a.dtype != torch.bool else None
     floating = a.is_floating_point()
-    n_eq, dot, aa, bb, mx, nonfinite = 0, 0.0, 0.0, 0.0, 0.0, False
+    n_eq, dot, aa, bb, dd, mx, nonfinite = 0, 0.0, 0.0, 0.0, 0.0, 0.0, False
     buf = torch.empty(2, min(n, _BLOCK), dtype=torch.float64)
     for s in range(0, n, _BLOCK):
         ca, cb = fa[s:s + _BLOCK], fb[s:s + _BLOCK]
@@ -170,12 +246,18 @@ def _diff_metrics(a: torch.Tensor, b: torch.Tensor) -> dict:
         g = (x @ x.T).tolist()
         dot, aa, bb = dot + g[0][1], aa + g[0][0], bb + g[1][1]
         if x.shape[1]:
-            mx = max(mx, float((x[0] - x[1]).abs_().max()))
-    cos = None
+            # the difference itself, not aa + bb - 2ab: last-bit differences
+            # cancel below float64's resolution of the norms
+            d = (x[0] - x[1]).abs_()
+            mx = max(mx, float(d.max()))
+            dd += float(d @ d)
+    cos = rel = None
     if floating:
         cos = 1.0 if aa == 0.0 and bb == 0.0 else (0.0 if aa == 0.0 or bb == 0.0 else
                                                    max(-1.0, min(1.0, dot / math.sqrt(aa * bb))))
-    return {"frac_equal": n_eq / n if n else 1.0, "cos": cos, "max_abs": mx, "nonfinite": nonfinite}
+        rel = math.sqrt(dd / bb) if bb > 0 else (0.0 if dd == 0 else math.inf)
+    return {"frac_equal": n_eq / n if n else 1.0, "cos": cos, "rel_l2": rel, "max_abs": mx,
+            "nonfinite": nonfinite}
 
 
 def _solo_index(batched: Dump, solos: list[Dump]) -> tuple[dict[int, Dump], list[str]]:
@@ -205,16 +287,58 @@ def _solo_index(batched: Dump, solos: list[Dump]) -> tuple[dict[int, Dump], list
     return out, notes
 
 
-def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=None) -> SlotResult:
+def _judge(mode: Mode, dumps: list[Dump], precision, noise, mapping, preset) -> SlotJudge:
+    from parity.compare.api import run_precision
+
+    if mode not in ("auto", "bitwise", "rounding"):
+        raise ParityError(f"unknown slot-invariance mode {mode!r}; choose auto, bitwise or rounding")
+    if mode == "bitwise" and noise is not None:
+        raise ParityError("a noise model judges the rounding mode; --bitwise takes none")
+    if mode == "auto":
+        promised = all(isinstance(d.run, dict) and d.run.get("batch_invariant") is True for d in dumps)
+        mode = "bitwise" if promised else "rounding"
+        if promised:
+            noise = None  # a promise of invariance is held to the bit, whatever the ensemble allows
+    canonical = None
+    if noise is not None:
+        from parity.compare.align import resolve_mapping
+
+        m = mapping if mapping is not None and not isinstance(mapping, str) else resolve_mapping(mapping, preset)
+        canonical = m.canonical
+    return SlotJudge(mode, precision if precision is not None else run_precision(*dumps), noise, canonical)
+
+
+def _judged(row: dict, dtype: str | None, judge: SlotJudge) -> dict:
+    """The row's verdict: bitwise equal passes; a layout or shape problem, or
+    NaN/Inf in other places, fails under any rule; the rest is the judge's."""
+    if row.get("invariant"):
+        row.update(verdict="pass")
+    elif row.get("frac_equal") is None or "NaN/Inf" in row.get("reason", ""):
+        row.update(verdict="fail")
+    else:
+        v = judge.judge(row["key"], row["phase"], row["rank"], dtype, row)
+        row.update(verdict=v.status, reason=row["reason"] + ("" if judge.mode == "bitwise" else f"; {v.reason}"))
+    return row
+
+
+def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=None, mode: Mode = "auto",
+                    noise=None, mapping=None, preset: str | None = None, precision: str | None = None) -> SlotResult:
     """Compare every sequence of the ``batched`` run with its solo run
     (``solo``: dump dirs or Dumps, matched by prompt) or, with
-    ``same_prompt``, with slot 0 of the same batch."""
+    ``same_prompt``, with slot 0 of the same batch.
+
+    ``mode``: bitwise, rounding, or auto (bitwise when every run declares
+    ``batch_invariant: true``). ``noise``: a NoiseModel for the rounding mode,
+    with the ``mapping``/``preset`` that takes this run's keys onto its keys;
+    ``precision``: the run precision the fixed limits are picked for (default:
+    what the runs declare)."""
     bdump = as_dump(batched)
     solos = [as_dump(s) for s in (solo or [])]
     if not solos and not same_prompt:
         raise ParityError("give the solo runs (--solo DIR ...) or say the batch repeats one prompt (--same-prompt)")
     if solos and same_prompt:
         raise ParityError("--solo and --same-prompt exclude each other")
+    judge = _judge(mode, [bdump, *solos], precision, noise, mapping, preset)
     pat = re.compile(filter) if isinstance(filter, str) else filter
     recs = [r for r in bdump.records() if r.kind == "tensor" and (pat is None or pat.search(r.key))]
     if not recs:
@@ -260,7 +384,7 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
                                                            "--same-prompt needs copies of one prompt")
                     else:
                         row.update(_compare(a, b, rec.key))
-                rows.append(row)
+                rows.append(_judged(row, rec.dtype, judge))
         else:
             for slot, c in enumerate(cuts):
                 s = solo_of.get(c[0])
@@ -283,7 +407,7 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
                         row.update(_compare(a, st, rec.key))
                         del st
                     rel_solo[id(s)].done([srec])
-                rows.append(row)
+                rows.append(_judged(row, rec.dtype, judge))
         del t, piece
         rel.done([rec])
     if unsplit:
@@ -294,7 +418,7 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
             notes.append(f"no solo run for sequence(s) {sorted(all_seqs - set(solo_of))}: not compared")
     table = frame(rows, COLUMNS)
     table["invariant"] = table["invariant"].astype(bool)
-    return SlotResult(table, _first(table), notes)
+    return SlotResult(table, _first(table), judge, notes)
 
 
 def solo_dump_piece(dump: Dump, rec: Record, cut) -> torch.Tensor:
@@ -302,12 +426,14 @@ def solo_dump_piece(dump: Dump, rec: Record, cut) -> torch.Tensor:
 
 
 def _first(table: pd.DataFrame) -> pd.DataFrame:
-    cols = ["slot", "seq", "phase", "step", "rank", "layer", "stage", "key", "frac_equal", "max_abs"]
+    """Per (slot, phase, step, rank): the first failing pair, in execution order."""
+    cols = ["slot", "seq", "phase", "step", "rank", "layer", "stage", "key", "frac_equal", "rel_l2", "max_abs",
+            "reason"]
     out = []
     seen = defaultdict(bool)
     for r in table.itertuples(index=False):
         k = (r.slot, r.phase, r.step, r.rank)
-        if not r.invariant and not seen[k]:
+        if r.verdict == "fail" and not seen[k]:
             seen[k] = True
             out.append({c: getattr(r, c) for c in cols})
     return frame(out, cols)

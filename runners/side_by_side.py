@@ -222,8 +222,7 @@ def _engine_run(ckpt, dump: Path, prompt_ids, *, precision, max_new_tokens, faul
         if reuse_slots:
             _previous_tenants(engine, prompt_ids)
             engine.capture = capture.install(engine.model, CaptureConfig.from_env().replace(dump_dir=str(dump)),
-                                             run_info={"impl": "engine", "precision": precision,
-                                                       "checkpoint": str(ckpt)})
+                                             run_info=engine.run_info)
         handle = engine.capture
         if handle is None or not handle.enabled:
             raise ParityError(f"engine capture into {dump} could not start (the reason is printed above)")

@@ -67,8 +67,8 @@ def test_demo_finds_a_slot_fault(tmp_path):
 
     res = run_demo(tmp_path / "report", questions=2, decode_steps=1, progress=False, patch_engine=_slot_fault())
     assert res.exit_code == 1
-    assert res.slot.status == "fail"
-    first = res.slot.first[0]
+    assert res.slots.status == "fail"
+    first = res.slots.first.iloc[0]
     assert (first["slot"], first["layer"]) == (1, 2) and first["stage"].startswith("self_attn")
     # The target run is a batch too, so ref-vs-target sees the bug in sequence 1.
     assert res.bisect.layer == 2

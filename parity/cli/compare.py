@@ -192,38 +192,67 @@ def summary_diff_cmd(ref, target, map_file, preset, fmt, out, filter_):
 @click.option("--solo", "solo", metavar="DIR", multiple=True,
               help="Dump of one prompt run alone (repeat for each); matched to its slot by token ids.")
 @click.option("--same-prompt", is_flag=True, help="The batch holds copies of one prompt: compare every slot with slot 0.")
+@click.option("--bitwise", "mode", flag_value="bitwise",
+              help="A slot must equal its baseline bit for bit (for engines that promise batch invariance).")
+@click.option("--rounding", "mode", flag_value="rounding",
+              help="A slot may differ within rounding: judged as ref-vs-target judges a pair.")
+@click.option("--noise-ref", metavar="DIR", default=None,
+              help="Rounding mode: the reference run of a noise ensemble (with --noise).")
+@click.option("--noise", "noise", metavar="DIR", multiple=True,
+              help="Rounding mode: a member of a noise ensemble of --noise-ref (repeat it); each pair is judged "
+                   "against its record's envelope instead of the precision's fixed limits.")
+@click.option("--preset", metavar="NAME", default=None,
+              help="Mapping preset that takes this run's keys onto the noise ensemble's.")
+@click.option("--map", "map_file", metavar="FILE", default=None,
+              help="Mapping rules file that takes this run's keys onto the noise ensemble's.")
 @output_options
 @_plot_option
-def slot_invariance_cmd(batched, solo, same_prompt, fmt, out, filter_, plot_dir):
-    """Is every slot of a batched run bitwise equal to the same prompt run alone?
+def slot_invariance_cmd(batched, solo, same_prompt, mode, noise_ref, noise, preset, map_file, fmt, out, filter_,
+                        plot_dir):
+    """Does every slot of a batched run compute what the same prompt computes alone?
 
     Records are cut per sequence with cu_seqlens (unequal lengths work);
-    prefill and each decode step are compared separately. A slot that is
-    only close is NOT invariant. Exit 1 when any slot differs.
+    prefill and each decode step are compared separately. By default a run
+    that declares batch_invariant in run.json is judged bitwise and any
+    other run by rounding: "not bitwise, within rounding" passes, a slot
+    beyond rounding computes something else. Exit 1 when a slot fails.
     """
+    from parity.errors import ParityError
     from parity.slots import slot_invariance
 
-    res = slot_invariance(batched, list(solo), same_prompt=same_prompt, filter=compile_filter(filter_))
+    if bool(noise) != bool(noise_ref):
+        raise ParityError("a noise model needs both --noise-ref DIR and at least one --noise DIR")
+    model = None
+    if noise:
+        from parity.noise import noise_model
+
+        model = noise_model(noise_ref, list(noise), mapping=map_file, preset=preset)
+    res = slot_invariance(batched, list(solo), same_prompt=same_prompt, filter=compile_filter(filter_),
+                          mode=mode or "auto", noise=model, mapping=map_file, preset=preset)
     t = res.table
-    summary = {"rows": len(t), "invariant": int(t["invariant"].sum()), "not_invariant": int((~t["invariant"]).sum())}
+    summary = {"rule": res.judge.rule, "pairs": len(t), "bitwise_equal": int(t["invariant"].sum()),
+               "not_bitwise": int((~t["invariant"]).sum())}
+    for v in ("pass", "warn", "fail"):
+        summary[v] = int((t["verdict"] == v).sum())
     for r in res.first.itertuples(index=False):
         where = r.phase + (f" step {r.step}" if r.phase == "decode" else "")
         summary[f"slot {r.slot} (seq {r.seq}) {where}" + (f" rank {r.rank}" if r.rank else "")] = (
-            f"first differs at layer {r.layer} {r.stage} (bitwise equal {r.frac_equal:.4f}, max_abs {r.max_abs:.3g})"
-            if r.frac_equal is not None and r.frac_equal == r.frac_equal else
-            f"first differs at layer {r.layer} {r.stage}")
+            f"first fails at layer {r.layer} {r.stage}: {r.reason}")
+    summary["result"] = f"{res.status}: {res.message}"
     if fmt == "json":
         summary["first"] = res.first.to_dict(orient="records")
-    keep = [i for i, ok in enumerate(t["invariant"]) if not ok]
-    first_rows = []
-    seen = set()
-    for i in keep:
+    first_rows, seen = [], set()
+    for i in (i for i, v in enumerate(t["verdict"]) if v == "fail"):
         k = (t["slot"].iat[i], t["phase"].iat[i], t["step"].iat[i])
         if k not in seen:
             seen.add(k)
             first_rows.append(i)
-    view = t if fmt != "table" else t.drop(columns=[c for c in ("rank",) if not t["rank"].astype(bool).any()])
-    write_output(render(view, fmt, keep=first_rows + keep, summary=summary), out)
+    keep = first_rows + [i for i, ok in enumerate(t["invariant"]) if not ok]
+    view = t
+    if fmt == "table":
+        view = t.drop(columns=[c for c in ("rank",) if not t["rank"].astype(bool).any()])
+        view = view.assign(reason=view["reason"].map(lambda r: r if len(r) <= 40 else r[:39] + "~"))
+    write_output(render(view, fmt, keep=keep, summary=summary), out)
     _notes(res.notes)
     if plot_dir:
         from parity.report.plots import slot_plots

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -140,67 +140,6 @@ def prepare_out(out: Path, force: bool) -> None:
 # ---------------------------------------------------------------- verdicts
 
 
-@dataclass
-class SlotVerdict:
-    status: str                 # pass: bitwise; warn: rounding-level only; fail: a slot really differs
-    message: str
-    first: list[dict] = field(default_factory=list)
-
-
-# The engine's torch backend runs CPU GEMMs whose rounding depends on how
-# many rows share the call (MKL picks a different kernel and blocking), so a
-# sequence in a batch can differ from the same sequence alone in the last
-# bits without any bug. Bitwise invariance is reported as such; a slot only
-# counts as diverged when it is farther off than the per-dtype thresholds
-# that ref-vs-target applies, or when it flips more decisions than a
-# near-tie explains.
-_DTYPE_OF = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}
-
-
-def slot_verdict(res, precision: str) -> SlotVerdict:
-    from parity.compare.verdict import IDS_FAIL_FRAC, THRESHOLDS
-
-    t = res.table
-    if res.invariant:
-        return SlotVerdict("pass", f"bitwise invariant: all {len(t)} (record, slot) pairs equal their solo runs")
-    cos_fail = THRESHOLDS[_DTYPE_OF.get(precision, "float32")].cos_fail
-    bad = t[~t["invariant"]]
-    hard = []
-    for r in bad.itertuples(index=False):
-        cos = r.cos if r.cos == r.cos else None  # NaN -> None
-        frac = r.frac_equal if r.frac_equal == r.frac_equal else None
-        if cos is not None:
-            if cos < cos_fail:
-                hard.append(r)
-        elif frac is None or (1.0 - frac) > IDS_FAIL_FRAC:
-            hard.append(r)
-    if not hard:
-        floats = bad[bad["cos"].notna()]
-        size = (f"; worst cos 1 - {1 - float(floats['cos'].min()):.1e}, max |diff| {float(floats['max_abs'].max()):.1e}"
-                if len(floats) else "")
-        start = ""
-        if len(res.first):
-            f = res.first.iloc[0]
-            start = f" from layer {f['layer']} {f['stage']} ({f['phase']}) on"
-        return SlotVerdict("warn", f"not bitwise invariant: {len(bad)} of {len(t)} (record, slot) pairs differ in the "
-                                   f"last bits{start}{size}; within {precision} rounding, so not counted as a "
-                                   f"divergence")
-    first, seen = [], set()
-    for r in hard:
-        k = (r.slot, r.phase, r.step)
-        if k in seen:
-            continue
-        seen.add(k)
-        first.append({"slot": r.slot, "seq": r.seq, "phase": r.phase, "step": r.step, "layer": r.layer,
-                      "stage": r.stage, "key": r.key, "cos": r.cos, "frac_equal": r.frac_equal, "reason": r.reason})
-    f = first[0]
-    where = f["phase"] + (f" step {f['step']}" if f["phase"] == "decode" else "")
-    slots = sorted({x["slot"] for x in first})
-    return SlotVerdict("fail", f"slot {f['slot']} (seq {f['seq']}) differs from its solo run beyond rounding, first "
-                               f"at layer {f['layer']} {f['stage']} ({where}; {f['reason']}); slots affected: "
-                               f"{', '.join(map(str, slots))}", first)
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -211,14 +150,13 @@ class DemoResult:
     compare: object             # parity.compare.api.CompareResult
     bisect: object              # parity.bisect.BisectResult
     slots: object               # parity.slots.SlotResult
-    slot: SlotVerdict
     source: str
     plots: list[str]
     timings: dict[str, float]
 
     @property
     def diverged(self) -> bool:
-        return self.compare.failed or self.bisect.key is not None or self.slot.status == "fail"
+        return self.compare.failed or self.bisect.key is not None or self.slots.status == "fail"
 
     @property
     def exit_code(self) -> int:
@@ -322,7 +260,12 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
         timings.update(side.timings)
         t = time.perf_counter()
         bar.stage("ref-vs-target")
-        cmp = compare_dumps(side.ref, side.target, preset=PRESET, floor=side.floor, noise=side.noise or None)
+        model = None
+        if side.noise:
+            from parity.noise import noise_model
+
+            model = noise_model(side.ref, side.noise, preset=PRESET)
+        cmp = compare_dumps(side.ref, side.target, preset=PRESET, floor=side.floor, noise=model)
         timings["ref-vs-target"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         bar.stage("layer-bisect")
@@ -330,8 +273,10 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
         timings["layer-bisect"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         bar.stage("slot-invariance")
-        slots = slot_invariance(side.batched, [str(p) for p in side.solos], filter=sbs.SLOT_FILTER)
-        verdict = slot_verdict(slots, precision)
+        # the engine's run.json declares whether it promises batch invariance;
+        # a noise model, when there is one, sizes the rounding otherwise
+        slots = slot_invariance(side.batched, [str(p) for p in side.solos], filter=sbs.SLOT_FILTER,
+                                noise=model, preset=PRESET if model is not None else None)
         timings["slot-invariance"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         bar.stage("plots and report")
@@ -339,7 +284,7 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
 
         plots = compare_plots(cmp.table, bis.curve, str(out / "plots")) + slot_plots(slots.table, str(out / "plots"))
         timings["plots"] = round(time.perf_counter() - t, 3)
-        res = DemoResult(out, side, cmp, bis, slots, verdict, source, plots, timings)
+        res = DemoResult(out, side, cmp, bis, slots, source, plots, timings)
         timings["total"] = round(time.perf_counter() - t_start, 3)
         write_report(res, ckpt, precision, fault, decode_steps)
     finally:
@@ -378,7 +323,7 @@ def summary_lines(res: DemoResult) -> list[str]:
         + (f" (noise model: {len(res.side.noise)} perturbed reference runs)" if res.side.noise else
            " (noise floor: fp64 reference)" if res.compare.floor else ""),
         f"layer-bisect:    {res.bisect.message}",
-        f"slot-invariance: {res.slot.status.upper()}: {res.slot.message}",
+        f"slot-invariance: {res.slots.status.upper()}: {res.slots.message}",
         f"verdict:         {verdict} (exit {res.exit_code})",
         f"report:          {res.out / 'summary.md'} ({len(res.plots)} plots) in {res.timings.get('total', 0):.0f} s",
     ]
@@ -418,12 +363,11 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
         st = bis.stages[bis.stages["verdict"] != "pass"]
         lines += [f"Stages of layer {bis.layer} that do not pass:", "",
                   _md_table(st, ["stage", "input_err", "output_err", "growth", "verdict", "meaning", "where"]), ""]
-    lines += ["## slot-invariance", "", f"**{res.slot.status}**: {res.slot.message}.", ""]
-    if res.slot.first:
-        import pandas as pd
-
-        lines += [_md_table(pd.DataFrame(res.slot.first), ["slot", "seq", "phase", "step", "layer", "stage", "cos",
-                                                           "reason"]), ""]
+    lines += ["## slot-invariance", "", f"**{res.slots.status}**: {res.slots.message}.", "",
+              f"Rule: {res.slots.judge.rule}.", ""]
+    if len(res.slots.first):
+        lines += [_md_table(res.slots.first, ["slot", "seq", "phase", "step", "layer", "stage", "rel_l2", "reason"]),
+                  ""]
     lines += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in res.plots] + [""]
     lines += ["## Re-run by hand", "", "From this folder:", "", "```bash",
               f"parity ref-vs-target --ref {d}/ref --target {d}/target --preset {PRESET}{judge_opts}",
@@ -438,7 +382,8 @@ def write_report(res: DemoResult, ckpt, precision, fault, decode_steps) -> None:
         "ref_vs_target": cmp.summary(),
         "layer_bisect": {"layer": bis.layer, "stage": bis.stage, "key": bis.key, "message": bis.message,
                          "entries": bis.entries},
-        "slot_invariance": {"status": res.slot.status, "message": res.slot.message, "first": res.slot.first},
+        "slot_invariance": {"status": res.slots.status, "message": res.slots.message, "rule": res.slots.judge.rule,
+                            "first": res.slots.first.to_dict(orient="records")},
         "plots": [f"plots/{Path(p).name}" for p in res.plots], "timings_s": res.timings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")

@@ -149,12 +149,16 @@ def _nonfinite_reason(m: dict) -> str:
             f"reference {nb} NaN {ib} Inf)")
 
 
-def _ids_verdict(m: dict) -> Verdict:
-    diff = 1.0 - m["frac_equal"]
-    if diff == 0.0:
+def flip_verdict(frac: float, where: str = "") -> Verdict:
+    """An integer record whose share ``frac`` of elements changed, without a
+    noise model: any change warns, more than IDS_FAIL_FRAC fails."""
+    if frac == 0.0:
         return Verdict("pass", "identical")
-    where = f"{diff:.1%} of positions differ (max |diff| {m['max_abs']:g} at {m['max_abs_index']})"
-    return Verdict("fail" if diff > IDS_FAIL_FRAC else "warn", where)
+    return Verdict("fail" if frac > IDS_FAIL_FRAC else "warn", f"{frac:.1%} of positions differ{where}")
+
+
+def _ids_verdict(m: dict) -> Verdict:
+    return flip_verdict(1.0 - m["frac_equal"], f" (max |diff| {m['max_abs']:g} at {m['max_abs_index']})")
 
 
 def verdict_for(metrics: dict, *, thresholds: Thresholds | Mapping[str, Thresholds] | None = None,

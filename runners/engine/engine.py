@@ -10,6 +10,7 @@ import torch
 from runners.engine import faults, metadata
 from runners.engine.cache import CacheManager
 from runners.engine.errors import ParityError
+from runners.engine.ops import invariant
 from runners.engine.precision import activation_dtype
 from runners.engine.sampling import SamplingParams, sample
 from runners.engine.scheduler import Request, Scheduler
@@ -62,11 +63,18 @@ class Engine:
                                   device=self.device, block_size=block_size, num_blocks=num_blocks)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefill_chunk)
         self.tokenizer = _load_tokenizer(ckpt_dir)
-        self.capture = _install_capture(self.model, {"impl": "engine", "precision": precision,
-                                                     "checkpoint": self.ckpt_dir, "fault": self.fault})
+        self.capture = _install_capture(self.model, self.run_info)
         self.requests: dict[int, Request] = {}
         self.decode_step = 0
         self.last_meta: metadata.ForwardMeta | None = None
+
+    @property
+    def run_info(self) -> dict:
+        """What a dump of this engine declares about its run (run.json): a
+        compare picks its thresholds by ``precision`` and its slot rule by
+        ``batch_invariant`` (the promise docs/engine.md states)."""
+        return {"impl": "engine", "precision": self.precision, "checkpoint": self.ckpt_dir, "fault": self.fault,
+                "batch_invariant": invariant.enabled(torch.empty(0, device=self.device))}
 
     # --- tokens -------------------------------------------------------
     def encode(self, prompt) -> list[int]:
