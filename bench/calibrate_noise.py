@@ -102,11 +102,13 @@ def run(out: Path, precisions, members: int, plants: int, rate: float, sets) -> 
             # prefill only: the prompts are the same, the generated token need not be
             res = compare_dumps(base / "ref", clean, preset=PRESET, noise=nm, check_tokens=False)
             fixed = compare_dumps(base / "ref", clean, preset=PRESET, check_tokens=False)
+            profile = layer_bisect(None, None, compare=fixed)
             t = res.table
             rows.append({"precision": precision, "set": set_name, "d": 0.0, "runs": 1,
                          "fail_pairs": int((t["verdict"] == "fail").sum()),
                          "suspect_pairs": int((t["verdict"] == "warn").sum()), "pairs": len(t),
                          "fixed_fail_pairs": int((fixed.table["verdict"] == "fail").sum()),
+                         "fixed_profile_alarm": profile.by_profile,
                          "noise_s": round(t_noise, 1)})
             print(json.dumps(rows[-1]), flush=True)
             rng = random.Random(f"{precision}-{set_name}")
@@ -121,7 +123,7 @@ def run(out: Path, precisions, members: int, plants: int, rate: float, sets) -> 
                     bf = layer_bisect(None, None, compare=compare_dumps(base / "ref", dump, preset=PRESET,
                                                                         check_tokens=False))
                     found += b.compare.failed
-                    found_fixed += bf.compare.failed
+                    found_fixed += bf.exit_code == 1  # a failing pair, or an entry in the error profile
                     ok = b.layer == layer and _stage_matches(b.stage, site)
                     placed += ok
                     placed_fixed += bf.layer == layer and _stage_matches(bf.stage, site)

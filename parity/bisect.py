@@ -1,11 +1,17 @@
 """First divergence: the layer where an error enters, then the stage inside it.
 
-An error *enters* at a layer whose verdict fails while its input still
-passes; inside that layer, the first failing stage in execution order is
+An error *enters* at a layer whose verdict fails while its input passes,
+or while its input only warns and the layer grows the error more than
+ENTRY_GROWTH times; inside that layer, the first stage where it enters is
 shown with its input and output errors side by side, so "the error enters
-here" and "the error was already there and grew" read apart. The per-layer
-error curve (err L / err L-1) shows amplification; nothing assumes that
-error grows monotonically, so every layer where an error enters is listed.
+here" and "the error was already there" read apart. The per-layer error
+curve (err L / err L-1) shows amplification; nothing assumes that error
+grows monotonically, so every layer where an error enters is listed.
+
+Judged by fixed thresholds alone (no noise model, no floor), the error
+profile is evidence too: a layer whose error grows PROFILE_JUMP times more
+than the layers typically grow it, to at least a warn, is where an error
+enters, even when no pair fails.
 """
 
 from __future__ import annotations
@@ -20,6 +26,15 @@ from parity.decisions import decision_kind
 
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
 _STATUS = {v: k for k, v in _RANK.items()}
+# A warn input whose error the stage at most doubles is carried, not entered:
+# rounding through one layer grows an error 1.0-1.3x (docs/calibration.md).
+ENTRY_GROWTH = 2.0
+# An error-profile entry: a layer that grows the error at least this many
+# times the median growth of the layers (and at least this many times in
+# absolute terms), to a warn or worse. Clean runs grow it 1.0-1.3x per layer
+# and up to 2.2x at the first layer, from the rounded embedding; why 2:
+# docs/calibration.md.
+PROFILE_JUMP = 2.0
 
 
 @dataclass
@@ -32,9 +47,12 @@ class BisectResult:
     curve: pd.DataFrame             # per layer: error, growth over the previous layer, status
     entries: list[int] = field(default_factory=list)   # every layer where an error enters
     compare: CompareResult | None = None
+    by_profile: bool = False        # the entry was found by the error profile, no pair failing
 
     @property
     def exit_code(self) -> int:
+        if self.by_profile:
+            return 1
         return self.compare.exit_code if self.compare is not None else (1 if self.key else 0)
 
 
@@ -110,6 +128,30 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2e}"
 
 
+def _carried(e: dict, inp: dict | None) -> bool:
+    """``e`` carries an error its (warning) input already had."""
+    return (inp is not None and inp["status"] >= 1 and inp["err"] is not None and e["err"] is not None
+            and e["err"] <= ENTRY_GROWTH * inp["err"])
+
+
+def _growth(out_err, in_err) -> float | None:
+    if out_err is None or in_err is None:
+        return None
+    return out_err / in_err if in_err > 0 else (math.inf if out_err > 0 else None)
+
+
+def _profile_entries(curve: pd.DataFrame) -> tuple[list[int], float | None]:
+    """Layers whose error jumps beyond how the layers typically grow it, and
+    that typical (median) growth."""
+    g = [(int(r.layer), _growth(r.err, r.input_err), r.verdict) for r in curve.itertuples(index=False)]
+    finite = sorted(x for _, x, _ in g if x is not None and math.isfinite(x))
+    if not finite:
+        return [], None
+    typical = finite[len(finite) // 2] if len(finite) % 2 else (finite[len(finite) // 2 - 1] + finite[len(finite) // 2]) / 2
+    limit = PROFILE_JUMP * max(1.0, typical)
+    return [L for L, x, v in g if x is not None and x >= limit and v != "pass"], typical
+
+
 def bisect_table(res: CompareResult) -> BisectResult:
     keys = _per_key(res.table)
     view = _layer_view(keys)
@@ -129,7 +171,7 @@ def bisect_table(res: CompareResult) -> BisectResult:
         growth = None
         if prev_out is not None and prev_out["err"] and out["err"] is not None:
             growth = out["err"] / prev_out["err"]
-        enters = status == 2 and in_status < 2
+        enters = status == 2 and in_status < 2 and not _carried(out, inp)
         if enters:
             entries.append(L)
         flips = [e for e in es if decision_kind(e["key"]) in ("ids", "topk") and e["status"] > 0]
@@ -140,15 +182,30 @@ def bisect_table(res: CompareResult) -> BisectResult:
     curve = pd.DataFrame(curve_rows, columns=["layer", "err", "growth", "input_err", "verdict", "input_verdict",
                                               "enters", "decision_flip"])
     stage_cols = ["stage", "key", "input", "input_err", "output_err", "growth", "verdict", "meaning", "where", "reason"]
+    empty = pd.DataFrame(columns=stage_cols)
+    level, profile_note = 2, ""
     if not res.failed:
-        warn = res.table[res.table["verdict"] == "warn"] if len(res.table) else res.table
-        if len(warn):  # a suspect pair is a finding, not a pass
-            r = warn.iloc[0]
-            msg = (f"no divergence proven; {len(warn)} suspect pair(s), the first {r['key']} ({_where(r)}): "
-                   f"{r['reason']}")
+        fixed = "noise_env" not in res.table and not res.floor
+        jumps, typical = _profile_entries(curve) if fixed else ([], None)
+        if jumps:
+            entries, level = jumps, 1
+            others = [x for x in (_growth(r.err, r.input_err) for r in curve.itertuples(index=False)
+                                  if int(r.layer) not in jumps) if x is not None and math.isfinite(x)]
+            spread = f"x{min(others):.2g}-x{max(others):.2g}" if others else "n/a"
+            g = _growth(curve.loc[curve["layer"] == jumps[0], "err"].iloc[0],
+                        curve.loc[curve["layer"] == jumps[0], "input_err"].iloc[0])
+            grown = "from an exact input" if g is not None and math.isinf(g) else f"x{g:.3g}"
+            profile_note = (f" (by the error profile, no pair failing: the error grows {grown} here, the other "
+                            f"layers {spread}, median x{typical:.2g})")
         else:
-            msg = "no divergence: every pair passes"
-        return BisectResult(None, None, None, msg, pd.DataFrame(columns=stage_cols), curve, [], res)
+            warn = res.table[res.table["verdict"] == "warn"] if len(res.table) else res.table
+            if len(warn):  # a suspect pair is a finding, not a pass
+                r = warn.iloc[0]
+                msg = (f"no divergence proven; {len(warn)} suspect pair(s), the first {r['key']} ({_where(r)}): "
+                       f"{r['reason']}")
+            else:
+                msg = "no divergence: every pair passes"
+            return BisectResult(None, None, None, msg, empty, curve, [], res)
     if not entries:
         first = next(e for e in keys if e["status"] == 2)
         where = f"layer {first['layer']}" if isinstance(first["layer"], int) else "outside the decoder layers"
@@ -156,38 +213,42 @@ def bisect_table(res: CompareResult) -> BisectResult:
                f"output with a passing input, so the error is present before the first compared layer or at "
                f"a record with no layer: {first['reason']}")
         return BisectResult(first["layer"] if isinstance(first["layer"], int) else None, first["stage"],
-                            first["key"], msg, pd.DataFrame(columns=stage_cols), curve, [], res)
+                            first["key"], msg, empty, curve, [], res)
     L = entries[0]
     es, out, own_in = view[L]
     l_in = layer_input[L]
-    stage_rows, first_fail = [], None
+    stage_rows, first_bad, first_entry = [], None, None
     by_key = {e["key"]: e for e in keys}
     for e in es:
         s_in = _stage_input(e, es, by_key) or l_in
         in_err = s_in["err"] if s_in else None
-        in_fail = bool(s_in and s_in["status"] == 2)
-        if e["status"] < 2:
+        growth = e["err"] / in_err if in_err and e["err"] is not None else None
+        if e["status"] < level:
             meaning = "agrees" if e["status"] == 0 else "close (warn)"
             if e["decision"] and e["status"] > 0:
                 meaning = "decision flipped"
-        elif first_fail is not None and e is out:
-            meaning = f"carries the error of {first_fail[0]['stage']}"
-        elif in_fail:
-            g = e["err"] / in_err if in_err and e["err"] is not None else None
-            meaning = "error was already there" + (f" and grew x{g:.3g}" if g is not None else "")
+        elif first_entry is not None and e is out:
+            meaning = f"carries the error of {first_entry['stage']}"
+        elif s_in is not None and (s_in["status"] >= level or _carried(e, s_in)):
+            meaning = "error was already there" + (
+                "" if growth is None else f" and grew x{growth:.3g}" if growth > 1 else f" (x{growth:.3g} of its input's)")
         else:
             meaning = "error enters here"
-        if e["status"] == 2 and first_fail is None:
-            first_fail = (e, in_err, meaning)
-        growth = e["err"] / in_err if in_err and e["err"] is not None else None
+            first_entry = first_entry or e
+        if e["status"] >= level and first_bad is None:
+            first_bad = (e, in_err, meaning)
         stage_rows.append({"stage": e["stage"], "key": e["key"], "input": s_in["key"] if s_in else None,
                            "input_err": in_err, "output_err": e["err"],
                            "growth": growth, "verdict": _STATUS[e["status"]], "meaning": meaning,
                            "where": e["where"], "reason": e["reason"]})
     stages = pd.DataFrame(stage_rows, columns=stage_cols)
-    e, in_err, meaning = first_fail
+    if first_entry is not None:
+        row = next(r for r in stage_rows if r["key"] == first_entry["key"])
+        e, in_err, meaning = first_entry, row["input_err"], row["meaning"]
+    else:
+        e, in_err, meaning = first_bad
     msg = (f"error enters at layer {L}, stage {e['stage']} ({e['key']}): input error {_fmt(in_err)}, "
-           f"output error {_fmt(e['err'])} ({e['where']}); {meaning}")
+           f"output error {_fmt(e['err'])} ({e['where']}); {meaning}{profile_note}")
     flip = [x for x in keys if decision_kind(x["key"]) in ("ids", "topk") and x["status"] > 0 and isinstance(x["layer"], int)
             and x["layer"] <= L and x["order"] < e["order"]]
     if flip:
@@ -195,7 +256,7 @@ def bisect_table(res: CompareResult) -> BisectResult:
                 "be a near-tie amplified by the decision rather than an arithmetic bug")
     if len(entries) > 1:
         msg += f". Errors also enter at layer(s) {', '.join(map(str, entries[1:]))}"
-    return BisectResult(L, e["stage"], e["key"], msg, stages, curve, entries, res)
+    return BisectResult(L, e["stage"], e["key"], msg, stages, curve, entries, res, by_profile=level == 1)
 
 
 def layer_bisect(ref, target, *, mapping=None, preset=None, floor=None, filter=None, m=None, atol=None,

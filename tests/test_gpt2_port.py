@@ -1,0 +1,60 @@
+"""A model that is not DeepSeek-V4: transformers' GPT-2 against a port with
+its own module names (tests/gpt2_port.py, mapped by tests/data/gpt2_port.yaml).
+The clean port agrees; the port with exact gelu, the bug that fixed fp32
+thresholds let pass as "warn", is placed at layer 0's activation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gpt2_port import MAPPING, GPT2Port
+from parity import capture, compare_dumps, layer_bisect
+from parity.cli import cli
+from parity.config import CaptureConfig
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("gpt2")
+    cfg = GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12))
+
+    def dump(name, model):
+        h = capture.install(model, CaptureConfig(dump_dir=str(root / name)))
+        h.set_context(phase="prefill", step=0, seq_ids=[0, 1])
+        with torch.no_grad():
+            model(ids)
+        h.set_run_info(token_ids=ids.tolist(), precision="fp32")
+        h.close()
+        return str(root / name)
+
+    return {"ref": dump("ref", hf), "port": dump("port", GPT2Port.from_hf(hf)),
+            "gelu": dump("gelu", GPT2Port.from_hf(hf, exact_gelu=True))}
+
+
+def test_the_clean_port_agrees(runs):
+    res = compare_dumps(runs["ref"], runs["port"], mapping=str(MAPPING))
+    assert not res.failed and (res.table["verdict"] == "pass").all(), res.table[res.table["verdict"] != "pass"]
+    assert not len(res.only_ref) and not len(res.only_target)
+    assert {"transformer.h.2.mlp.act:output", "lm_head:output", "logits"} <= set(res.table["key"])
+    b = layer_bisect(None, None, compare=res)
+    assert b.key is None and b.exit_code == 0, b.message
+
+
+def test_exact_gelu_is_placed_at_the_first_activation(runs):
+    b = layer_bisect(runs["ref"], runs["gelu"], mapping=str(MAPPING))
+    assert b.exit_code == 1 and (b.layer, b.stage) == (0, "mlp.act:output"), b.message
+    assert "error enters here" in b.message
+
+
+def test_the_cli_with_the_rules_file(runs):
+    r = CliRunner().invoke(cli, ["layer-bisect", "--ref", runs["ref"], "--target", runs["gelu"], "--map", str(MAPPING)])
+    assert r.exit_code == 1 and "error enters at layer 0, stage mlp.act:output" in r.output, r.output
+    r = CliRunner().invoke(cli, ["ref-vs-target", "--ref", runs["ref"], "--target", runs["port"], "--map", str(MAPPING)])
+    assert r.exit_code == 0, r.output
