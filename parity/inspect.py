@@ -1,41 +1,133 @@
-"""Views of one dump (`parity inspect`) and of two dumps' layouts (`parity schema`)."""
+"""Views of one dump (`parity inspect`) and of two dumps' layouts (`parity schema`).
+
+`inspect` is also the dump's health check: every shard a record names is
+opened and every tensor checked against its header (and, with ``verify``,
+its hash), so a truncated, empty or missing shard is found without a
+comparison."""
 
 from __future__ import annotations
 
+import os
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from parity.errors import DumpError
-from parity.store import open_dump
+from parity.errors import DumpError, ParityError
+from parity.store import Dump, open_dump
+from parity.store.schema import MANIFEST, RANK_FILE
 
 _COLUMNS = ["key", "layer", "stage", "phase", "step", "call", "rank", "shape", "dtype",
             "absmax", "mean", "std", "nan", "inf"]
+# Files a writer leaves in a rank folder besides its shards.
+_RANK_FILES = {MANIFEST, RANK_FILE, "writer.lock"}
+_SHARD = re.compile(r"^shard-\d+\.safetensors$")
 
 
 @dataclass
 class Inspection:
     table: pd.DataFrame
     totals: dict
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)    # NaN/Inf, stray files
+    problems: list[str] = field(default_factory=list)    # damage: exit 2
+    incomplete: list[str] = field(default_factory=list)  # why the run is not whole
 
 
-def inspect_dump(path: str, pattern=None) -> Inspection:
-    dump = open_dump(path)
+def _as_dump(d, verify: bool) -> Dump:
+    return d if isinstance(d, Dump) else open_dump(str(d), verify=verify)
+
+
+def inspect_dump(path, pattern=None, *, verify: bool = False) -> Inspection:
+    """Rows, totals and the dump's health. ``verify``: also re-hash every
+    tensor (reads every byte)."""
+    dump = _as_dump(path, verify)
+    recs = dump.records()
+    if not recs:
+        raise DumpError(f"{dump.given} holds no records (did the capture run with PARITY_DUMP_DIR set and "
+                        "its filters matching?)" + (f"; it is incomplete: {'; '.join(dump.incomplete)}"
+                                                    if dump.incomplete else ""))
+    if pattern is not None:
+        recs = [r for r in recs if pattern.search(r.key)]
+        if not recs:
+            raise ParityError(f"--filter {pattern.pattern!r} matches no record of {dump.given}")
     df = dump.frame()
-    if df.empty:
-        raise DumpError(f"{path} holds no records (did the capture run with PARITY_DUMP_DIR set and its filters matching?)")
     if pattern is not None:
         df = df[df["key"].map(lambda k: bool(pattern.search(k)))]
     df = df.reindex(columns=_COLUMNS).reset_index(drop=True)
     warnings = [f"{r.key} (phase {r.phase}, step {r.step}, call {r.call}, rank {r.rank}): "
                 f"{int(r.nan or 0)} NaN, {int(r.inf or 0)} Inf"
                 for r in df.itertuples() if (r.nan or 0) > 0 or (r.inf or 0) > 0]
-    nbytes = sum(_nbytes(r) for r in dump.records())
+    problems = check_records(dump, recs, verify=verify) + _repeated_seq(dump)
+    if pattern is None:
+        warnings += _stray_files(dump)
+    nbytes = sum(_nbytes(r) for r in recs)
     totals = {"records": len(df), "ranks": len(dump.ranks), "tensor_bytes": nbytes,
               "records_with_nan_or_inf": len(warnings), "model": dump.run.get("model"),
-              "impl": dump.run.get("impl")}
-    return Inspection(df, totals, warnings)
+              "impl": dump.run.get("impl"),
+              "complete": "yes" if dump.complete else "no: " + "; ".join(dump.incomplete),
+              "integrity": (f"{len(problems)} problem(s)" if problems else
+                            "shards and headers checked" + (", every hash verified" if verify else
+                                                            " (hashes not checked: give --verify)"))}
+    return Inspection(df, totals, warnings, problems, dump.incomplete)
+
+
+def check_records(dump: Dump, recs, *, verify: bool) -> list[str]:
+    """One problem per damaged shard (or record): the shard is opened, each
+    tensor matched against its header, and with ``verify`` re-hashed. A
+    shard's memory map is dropped once its records are done."""
+    by_shard: dict[tuple, list] = defaultdict(list)
+    for r in recs:
+        if r.kind == "tensor":
+            by_shard[(r.rank, r.file)].append(r)
+    problems = []
+    for group in by_shard.values():
+        try:
+            dump.open_shard(group[0])
+        except DumpError as exc:
+            problems.append(str(exc))  # the file itself: one message for all its records
+            continue
+        for rec in group:
+            try:
+                dump.load(rec, verify=verify)
+            except DumpError as exc:
+                problems.append(str(exc))
+        dump.drop_maps()
+    return problems
+
+
+def _repeated_seq(dump: Dump) -> list[str]:
+    """Execution order numbers are unique per rank; a repeat means two runs
+    wrote one folder."""
+    out = []
+    for rank in dump.ranks:
+        counts = Counter(r.seq for r in dump.records(rank))
+        twice = [s for s, n in counts.items() if n > 1]
+        if twice:
+            out.append(f"{dump.label(f'rank{rank}/{MANIFEST}')}: {len(twice)} execution order number(s) appear "
+                       f"more than once (e.g. seq {min(twice)}): two runs wrote into this folder")
+    return out
+
+
+def _stray_files(dump: Dump) -> list[str]:
+    """Shards no manifest line names (a crash between a shard and its
+    manifest lines, or another run's), and leftover temporary files."""
+    named = {(r.rank, r.file) for r in dump.records() if r.file}
+    out = []
+    for rank, d in sorted(dump.rank_dirs.items()):
+        try:
+            names = os.listdir(d)
+        except OSError as exc:
+            raise DumpError(f"cannot read {d}: {exc.strerror}") from None
+        orphans = sorted(n for n in names if _SHARD.match(n) and (rank, n) not in named)
+        temps = [n for n in names if n.startswith(".shard-") or n.endswith(".tmp")]
+        if orphans:
+            out.append(f"{dump.label(f'rank{rank}')}: {len(orphans)} shard file(s) no manifest line names "
+                       f"(e.g. {orphans[0]}): left by an interrupted write, or by another run")
+        if temps:
+            out.append(f"{dump.label(f'rank{rank}')}: {len(temps)} temporary file(s) of an interrupted write "
+                       f"(e.g. {temps[0]}), ignored")
+    return out
 
 
 def _nbytes(rec) -> int:
@@ -54,10 +146,13 @@ def _signature(dump) -> dict:
     return {(r.key, r.phase, r.step, r.call, r.rank): (tuple(r.shape), r.dtype) for r in dump.records()}
 
 
-def schema_diff(a: str, b: str, pattern=None) -> pd.DataFrame:
+def schema_diff(a, b, pattern=None) -> pd.DataFrame:
     """Rows for records only in A, only in B, and common records whose shape
-    or dtype differ. Empty frame = same schema."""
-    sa, sb = _signature(open_dump(a)), _signature(open_dump(b))
+    or dtype differ. Empty frame = same schema. A and B: dump dirs or Dumps."""
+    da, db = _as_dump(a, False), _as_dump(b, False)
+    sa, sb = _signature(da), _signature(db)
+    if pattern is not None and not any(pattern.search(k[0]) for k in [*sa, *sb]):
+        raise ParityError(f"--filter {pattern.pattern!r} matches no record of {da.given} or {db.given}")
     rows = []
     for k in list(sa) + [k for k in sb if k not in sa]:
         if pattern is not None and not pattern.search(k[0]):

@@ -72,9 +72,9 @@ def test_cli(tmp_path, weights):
     ref = write(tmp_path / "r", list(weights.items()))
     tgt = write(tmp_path / "t", [(n, t.to(torch.bfloat16)) for n, t in weights.items()][:3])
     r = CliRunner().invoke(cli, ["weights", "--ref", str(ref), "--target", str(tgt), "--format", "json"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output  # a reference weight the target lacks fails
     data = json.loads(r.output)
-    assert data["weights"] == 3 and data["only_in_reference"].startswith("1:")
+    assert data["weights"] == 3 and data["only_in_reference"].startswith("1:") and data["missing_in_target"]
     # Activation dumps hold no weights: bad input, exit 2.
     empty = tmp_path / "acts"
     w = DumpWriter(str(empty), fsync=False)

@@ -1,13 +1,16 @@
 """The ``parity`` command line: a thin layer over the library.
 
 Each command module parses options, calls one library function and renders
-what it returns. Exit codes everywhere: 0 agreement, 1 divergence found,
-2 bad input or usage (one message, no traceback).
+what it returns. Exit codes everywhere: 0 agreement, 1 divergence found
+(or agreement cannot be claimed: reference records missing from the target,
+an incomplete input), 2 bad input or usage (one message naming the file and
+the problem, no traceback).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 import click
@@ -29,19 +32,41 @@ _COMMAND_MODULES = [
 _OPTIONAL = {"transformers": "reference", "tokenizers": "reference", "triton": "gpu"}
 
 
+def _message(exc: BaseException) -> str | None:
+    """One line for an error that is the input's fault, not parity's; None
+    for anything else (a bug, which keeps its traceback)."""
+    if isinstance(exc, ParityError):
+        return str(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name in _OPTIONAL:
+        extra = _OPTIONAL[exc.name]
+        return (f"this command needs {exc.name}, which is not installed; install parity's '{extra}' extra "
+                f"(in a checkout: pip install -e '.[{extra}]')")
+    if isinstance(exc, OSError):
+        name = exc.filename if exc.filename is not None else "a file"
+        return f"cannot use {name}: {exc.strerror or exc}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"an input file is not valid JSON: {exc}"
+    if type(exc).__name__ == "SafetensorError":
+        return f"a safetensors file is malformed: {exc}"
+    return None
+
+
 class _Group(click.Group):
+    """Turns every error caused by the input into one message and exit 2
+    (exit 1 is reserved for "divergence found")."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except ParityError as exc:
-            click.echo(f"parity: error: {exc}", err=True)
-            ctx.exit(2)
-        except ModuleNotFoundError as exc:
-            if exc.name not in _OPTIONAL:
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            msg = _message(exc)
+            if msg is None:
                 raise
-            click.echo(f"parity: error: this command needs {exc.name}, which is not installed; install "
-                       f"parity's '{_OPTIONAL[exc.name]}' extra (in a checkout: pip install -e "
-                       f"'.[{_OPTIONAL[exc.name]}]')", err=True)
+            click.echo(f"parity: error: {msg}", err=True)
             ctx.exit(2)
 
 
@@ -51,21 +76,13 @@ def cli():
     """Find where two implementations of one network stop agreeing.
 
     Capture dumps with PARITY_DUMP_DIR set (see `parity env`), then compare
-    them. Exit codes: 0 agreement, 1 divergence found, 2 bad input.
+    them. Exit codes: 0 agreement, 1 divergence found (or records missing,
+    an input incomplete), 2 bad input.
     """
 
 
-def _register():
-    for name in _COMMAND_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            # A command module still being written must not break the rest.
-            if exc.name != name:
-                raise
-
-
-_register()
+for _name in _COMMAND_MODULES:
+    importlib.import_module(_name)
 
 
 def main(argv=None):

@@ -1,7 +1,10 @@
 """`parity ref-vs-target`, `layer-bisect`, `summary-diff`, `slot-invariance`, `weights`, `topk`.
 
-Each parses options, calls one library function and renders what it
-returns. Exit 0: agreement; 1: divergence found; 2: bad input.
+Each parses options, opens its input dumps (open_inputs: incomplete ones
+are named, outputs checked), calls one library function and renders what it
+returns. Exit 0: agreement; 1: divergence found, or agreement cannot be
+claimed (reference records missing from the target, an incomplete input);
+2: bad input.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import click
 
 from parity.cli import cli
-from parity.cli._options import compile_filter, output_options
-from parity.report.tables import render, write_output
+from parity.cli._options import compile_filter, filter_matched_nothing, input_options, open_inputs, output_options
+from parity.errors import ParityError
+from parity.report.tables import interactive, render, write_output
 
 _TABLE_COLS = ["key", "phase", "step", "seq", "rank", "shape", "rel_l2", "cos", "max_abs", "frac_equal",
                "verdict", "reason"]
@@ -62,6 +66,18 @@ def _only_keys(keys: list[str], limit: int = 5) -> str:
     return f"{len(keys)}: " + ", ".join(list(dict.fromkeys(keys))[:limit])
 
 
+def _pair_inputs(ref, target, *, floor=None, noise=(), no_verify=False, allow_incomplete=False, out=None,
+                 force=False, plot_dir=None):
+    roles = {"reference": ref, "target": target, "floor": floor,
+             **{f"noise member {i + 1}": n for i, n in enumerate(noise)}}
+    return open_inputs(roles, verify=not no_verify, allow_incomplete=allow_incomplete, out=out, force=force,
+                       plot_dir=plot_dir)
+
+
+def _write(text, out, force, inputs) -> None:
+    write_output(text, out, force=force, protect=inputs.paths)
+
+
 def _compare_view(res, fmt):
     t = res.table
     if fmt != "table":
@@ -97,8 +113,10 @@ def _compare_summary(res) -> dict:
 @_pair_options
 @_floor_options
 @output_options
+@input_options
 @_plot_option
-def ref_vs_target(ref, target, map_file, preset, floor, noise, m, atol, fmt, out, filter_, plot_dir):
+def ref_vs_target(ref, target, map_file, preset, floor, noise, m, atol, fmt, out, force, filter_, allow_incomplete,
+                  no_verify, plot_dir):
     """Compare every aligned pair of records of two dumps, in execution order.
 
     Records meet on (canonical key, phase, step, call, sequence); ragged
@@ -107,23 +125,29 @@ def ref_vs_target(ref, target, map_file, preset, floor, noise, m, atol, fmt, out
     """
     from parity.compare.api import compare_dumps
 
-    res = compare_dumps(ref, target, mapping=map_file, preset=preset, floor=floor,
+    io = _pair_inputs(ref, target, floor=floor, noise=noise, no_verify=no_verify, allow_incomplete=allow_incomplete,
+                      out=out, force=force, plot_dir=plot_dir)
+    res = compare_dumps(io["reference"], io["target"], mapping=map_file, preset=preset, floor=io.get("floor"),
                         filter=compile_filter(filter_), m=m, atol=atol, noise=list(noise) or None)
-    write_output(render(_compare_view(res, fmt), fmt, keep=res.worst(), summary=_compare_summary(res)), out)
+    summary = {**_compare_summary(res), **io.summary()}
+    _write(render(_compare_view(res, fmt), fmt, keep=res.worst(), summary=summary, cut=interactive(out)),
+           out, force, io)
     _notes(res.notes)
     if plot_dir:
         from parity.report.plots import compare_plots
 
         _notes([f"plots: {', '.join(compare_plots(res.table, None, plot_dir))}"])
-    raise SystemExit(res.exit_code)
+    raise SystemExit(io.exit_code(res.exit_code))
 
 
 @cli.command("layer-bisect")
 @_pair_options
 @_floor_options
 @output_options
+@input_options
 @_plot_option
-def layer_bisect_cmd(ref, target, map_file, preset, floor, noise, m, atol, fmt, out, filter_, plot_dir):
+def layer_bisect_cmd(ref, target, map_file, preset, floor, noise, m, atol, fmt, out, force, filter_,
+                     allow_incomplete, no_verify, plot_dir):
     """Find the first layer where an error enters, and the stage inside it.
 
     Prints the per-layer error curve (err L / err L-1, so amplification
@@ -132,9 +156,14 @@ def layer_bisect_cmd(ref, target, map_file, preset, floor, noise, m, atol, fmt, 
     """
     from parity.bisect import layer_bisect
 
-    res = layer_bisect(ref, target, mapping=map_file, preset=preset, floor=floor,
+    io = _pair_inputs(ref, target, floor=floor, noise=noise, no_verify=no_verify, allow_incomplete=allow_incomplete,
+                      out=out, force=force, plot_dir=plot_dir)
+    res = layer_bisect(io["reference"], io["target"], mapping=map_file, preset=preset, floor=io.get("floor"),
                        filter=compile_filter(filter_), m=m, atol=atol, noise=list(noise) or None)
     summary = {"result": res.message}
+    if res.compare is not None and res.compare.missing:
+        summary["missing_in_target"] = res.compare.summary()["missing_in_target"]
+    summary.update(io.summary())
     if res.layer is not None:
         summary.update(layer=res.layer, stage=res.stage, key=res.key)
     if res.entries[1:]:
@@ -144,23 +173,24 @@ def layer_bisect_cmd(ref, target, map_file, preset, floor, noise, m, atol, fmt, 
         text = render(res.curve, fmt, summary=summary)
     else:
         keep = [i for i, e in enumerate(res.curve["enters"]) if e]
-        text = render(res.curve, fmt, keep=keep, summary=None if fmt == "csv" else summary)
+        text = render(res.curve, fmt, keep=keep, summary=None if fmt == "csv" else summary, cut=interactive(out))
         if len(res.stages) and fmt != "csv":
             cols = res.stages.columns if fmt != "table" else [c for c in res.stages.columns if c not in ("key",)]
-            text += f"\n\nstages of layer {res.layer}:\n" + render(res.stages[cols], fmt)
-    write_output(text, out)
+            text += f"\n\nstages of layer {res.layer}:\n" + render(res.stages[cols], fmt, cut=interactive(out))
+    _write(text, out, force, io)
     _notes(res.compare.notes if res.compare else [])
     if plot_dir:
         from parity.report.plots import compare_plots
 
         _notes([f"plots: {', '.join(compare_plots(res.compare.table, res.curve, plot_dir))}"])
-    raise SystemExit(res.exit_code)
+    raise SystemExit(io.exit_code(res.exit_code))
 
 
 @cli.command("summary-diff")
 @_pair_options
 @output_options
-def summary_diff_cmd(ref, target, map_file, preset, fmt, out, filter_):
+@input_options
+def summary_diff_cmd(ref, target, map_file, preset, fmt, out, force, filter_, allow_incomplete, no_verify):
     """Screen two dumps by their summaries (works on stats-mode dumps).
 
     For each aligned pair the relative gap of the two l2 norms is a lower
@@ -172,7 +202,8 @@ def summary_diff_cmd(ref, target, map_file, preset, fmt, out, filter_):
     """
     from parity.compare.summaries import summary_diff
 
-    res = summary_diff(ref, target, mapping=map_file, preset=preset, filter=compile_filter(filter_))
+    io = _pair_inputs(ref, target, no_verify=no_verify, allow_incomplete=allow_incomplete, out=out, force=force)
+    res = summary_diff(io["reference"], io["target"], mapping=map_file, preset=preset, filter=compile_filter(filter_))
     t = res.table
     if fmt == "table":
         t = t[["key", "phase", "step", "seq", "dtype", "l2_ref", "l2_target", "l2_gap", "nonfinite_ref",
@@ -182,9 +213,10 @@ def summary_diff_cmd(ref, target, map_file, preset, fmt, out, filter_):
     for side, keys in (("only_in_reference", res.only_ref), ("only_in_target", res.only_target)):
         if keys:
             summary[side] = _only_keys(keys)
-    write_output(render(t, fmt, keep=res.worst(), summary=summary), out)
+    summary.update(io.summary())
+    _write(render(t, fmt, keep=res.worst(), summary=summary, cut=interactive(out)), out, force, io)
     _notes(res.notes)
-    raise SystemExit(res.exit_code)
+    raise SystemExit(io.exit_code(res.exit_code))
 
 
 @cli.command("slot-invariance")
@@ -206,9 +238,10 @@ def summary_diff_cmd(ref, target, map_file, preset, fmt, out, filter_):
 @click.option("--map", "map_file", metavar="FILE", default=None,
               help="Mapping rules file that takes this run's keys onto the noise ensemble's.")
 @output_options
+@input_options
 @_plot_option
-def slot_invariance_cmd(batched, solo, same_prompt, mode, noise_ref, noise, preset, map_file, fmt, out, filter_,
-                        plot_dir):
+def slot_invariance_cmd(batched, solo, same_prompt, mode, noise_ref, noise, preset, map_file, fmt, out, force,
+                        filter_, allow_incomplete, no_verify, plot_dir):
     """Does every slot of a batched run compute what the same prompt computes alone?
 
     Records are cut per sequence with cu_seqlens (unequal lengths work);
@@ -222,13 +255,20 @@ def slot_invariance_cmd(batched, solo, same_prompt, mode, noise_ref, noise, pres
 
     if bool(noise) != bool(noise_ref):
         raise ParityError("a noise model needs both --noise-ref DIR and at least one --noise DIR")
+    io = open_inputs({"batched": batched, **{f"solo {i + 1}": s for i, s in enumerate(solo)}, "noise reference":
+                      noise_ref, **{f"noise member {i + 1}": n for i, n in enumerate(noise)}},
+                     verify=not no_verify, allow_incomplete=allow_incomplete, out=out, force=force, plot_dir=plot_dir)
+    rx = compile_filter(filter_)
+    if rx is not None and not any(rx.search(r.key) for r in io["batched"].records()):
+        raise filter_matched_nothing(filter_, f"record of {batched}")
     model = None
     if noise:
         from parity.noise import noise_model
 
-        model = noise_model(noise_ref, list(noise), mapping=map_file, preset=preset)
-    res = slot_invariance(batched, list(solo), same_prompt=same_prompt, filter=compile_filter(filter_),
-                          mode=mode or "auto", noise=model, mapping=map_file, preset=preset)
+        model = noise_model(io["noise reference"], list(noise), mapping=map_file, preset=preset)
+    res = slot_invariance(io["batched"], [io[f"solo {i + 1}"] for i in range(len(solo))], same_prompt=same_prompt,
+                          filter=rx, mode=mode or "auto", noise=model, mapping=map_file,
+                          preset=preset)
     t = res.table
     summary = {"rule": res.judge.rule, "pairs": len(t), "bitwise_equal": int(t["invariant"].sum()),
                "not_bitwise": int((~t["invariant"]).sum())}
@@ -239,6 +279,7 @@ def slot_invariance_cmd(batched, solo, same_prompt, mode, noise_ref, noise, pres
         summary[f"slot {r.slot} (seq {r.seq}) {where}" + (f" rank {r.rank}" if r.rank else "")] = (
             f"first fails at layer {r.layer} {r.stage}: {r.reason}")
     summary["result"] = f"{res.status}: {res.message}"
+    summary.update(io.summary())
     if fmt == "json":
         summary["first"] = res.first.to_dict(orient="records")
     first_rows, seen = [], set()
@@ -252,20 +293,21 @@ def slot_invariance_cmd(batched, solo, same_prompt, mode, noise_ref, noise, pres
     if fmt == "table":
         view = t.drop(columns=[c for c in ("rank",) if not t["rank"].astype(bool).any()])
         view = view.assign(reason=view["reason"].map(lambda r: r if len(r) <= 40 else r[:39] + "~"))
-    write_output(render(view, fmt, keep=keep, summary=summary), out)
+    _write(render(view, fmt, keep=keep, summary=summary, cut=interactive(out)), out, force, io)
     _notes(res.notes)
     if plot_dir:
         from parity.report.plots import slot_plots
 
         _notes([f"plots: {', '.join(slot_plots(t, plot_dir))}"])
-    raise SystemExit(res.exit_code)
+    raise SystemExit(io.exit_code(res.exit_code))
 
 
 @cli.command("weights")
 @_pair_options
 @output_options
+@input_options
 @_plot_option
-def weights_cmd(ref, target, map_file, preset, fmt, out, filter_, plot_dir):
+def weights_cmd(ref, target, map_file, preset, fmt, out, force, filter_, allow_incomplete, no_verify, plot_dir):
     """Compare two weight dumps; FP8/FP4 weights are dequantized with their scales first.
 
     A quantized weight without its scale is compared through its raw codes,
@@ -273,48 +315,66 @@ def weights_cmd(ref, target, map_file, preset, fmt, out, filter_, plot_dir):
     """
     from parity.compare.weights import compare_weights
 
-    res = compare_weights(ref, target, mapping=map_file, preset=preset, filter=compile_filter(filter_))
+    io = _pair_inputs(ref, target, no_verify=no_verify, allow_incomplete=allow_incomplete, out=out, force=force,
+                      plot_dir=plot_dir)
+    res = compare_weights(io["reference"], io["target"], mapping=map_file, preset=preset,
+                          filter=compile_filter(filter_))
     t = res.table
     summary = {"weights": len(t)}
     for s in ("pass", "warn", "fail"):
         summary[s] = int((t["verdict"] == s).sum())
     if res.only_ref:
+        from parity.compare.api import missing_message
+
         summary["only_in_reference"] = _only_keys(res.only_ref)
+        summary["missing_in_target"] = missing_message(len(res.only_ref))
     if res.only_target:
         summary["only_in_target"] = _only_keys(res.only_target)
+    summary.update(io.summary())
     keep = [i for i, v in enumerate(t["verdict"]) if v != "pass"]
-    write_output(render(t, fmt, keep=keep, summary=summary), out)
+    _write(render(t, fmt, keep=keep, summary=summary, cut=interactive(out)), out, force, io)
     _notes(res.notes)
     if plot_dir:
         from parity.report.plots import compare_plots
 
         _notes([f"plots: {', '.join(compare_plots(t, None, plot_dir))}"])
-    raise SystemExit(res.exit_code)
+    raise SystemExit(io.exit_code(res.exit_code))
 
 
 @cli.command("topk")
 @_pair_options
 @output_options
+@input_options
 @_plot_option
-def topk_cmd(ref, target, map_file, preset, fmt, out, filter_, plot_dir):
+def topk_cmd(ref, target, map_file, preset, fmt, out, force, filter_, allow_incomplete, no_verify, plot_dir):
     """Compare discrete decisions: indexer top-k sets and MoE routing.
 
     Per layer: mean and min set overlap, fraction of tokens whose decision
     differs, and the routing-weight error aligned by expert id. Exit 1 when
     any decision differs.
     """
+    from parity.compare.api import missing_decisions
     from parity.decisions import compare_decisions
 
-    res = compare_decisions(ref, target, mapping=map_file, preset=preset,
-                            filter=compile_filter(filter_))
+    io = _pair_inputs(ref, target, no_verify=no_verify, allow_incomplete=allow_incomplete, out=out, force=force,
+                      plot_dir=plot_dir)
+    rx = compile_filter(filter_)
+    res = compare_decisions(io["reference"], io["target"], mapping=map_file, preset=preset, filter=rx)
     t = res.table
+    if rx is not None and not len(t):
+        raise filter_matched_nothing(filter_, "decision tap (indexer.topk, topk_ids, topk_weights) found on "
+                                              "both sides")
+    missing = missing_decisions(io["reference"], io["target"], mapping=map_file, preset=preset, filter=rx)
     differ = t[t["frac_tokens_differ"] > 0] if len(t) else t
     summary = {"decisions": len(t), "differ": len(differ)}
+    if missing:
+        summary["missing_in_target"] = missing
     if len(differ):
         r = differ.iloc[0]
         summary["first"] = f"layer {r['layer']} {r['decision']}: {r['frac_tokens_differ']:.1%} of tokens"
+    summary.update(io.summary())
     keep = [i for i, v in enumerate(t["frac_tokens_differ"]) if v > 0] if len(t) else []
-    write_output(render(t, fmt, keep=keep, summary=summary), out)
+    _write(render(t, fmt, keep=keep, summary=summary, cut=interactive(out)), out, force, io)
     _notes(res.notes)
     if plot_dir and len(t):
         import os
@@ -325,4 +385,4 @@ def topk_cmd(ref, target, map_file, preset, fmt, out, filter_, plot_dir):
         p = error_curve(c, os.path.join(_outdir(plot_dir), "decisions_by_layer.png"),
                         "fraction of tokens whose decision differs")
         _notes([f"plots: {p}"])
-    raise SystemExit(res.exit_code)
+    raise SystemExit(io.exit_code(1 if missing else res.exit_code))

@@ -6,40 +6,67 @@ import click
 import pandas as pd
 
 from parity.cli import cli
-from parity.cli._options import compile_filter, output_options
-from parity.report.tables import render, write_output
+from parity.cli._options import compile_filter, open_inputs, output_options
+from parity.errors import DumpError
+from parity.report.tables import interactive, render, write_output
 
 
 @cli.command("inspect")
 @click.argument("dump_dir", metavar="DIR")
+@click.option("--verify", is_flag=True, help="Also re-hash every tensor against its manifest hash (reads every byte).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Exit 0 for a run that did not close cleanly when nothing in it is damaged.")
 @output_options
-def inspect_cmd(dump_dir, fmt, out, filter_):
-    """One row per record of the dump in DIR, with totals and NaN/Inf warnings."""
+def inspect_cmd(dump_dir, verify, allow_incomplete, fmt, out, force, filter_):
+    """One row per record of the dump in DIR, with totals and NaN/Inf warnings.
+
+    Also the dump's health check: every shard is opened and every tensor
+    checked against its header (with --verify, its hash too). Exit 2 when
+    a shard is missing, truncated or corrupt, or the run is incomplete.
+    """
     from parity.inspect import inspect_dump
 
-    res = inspect_dump(dump_dir, compile_filter(filter_))
+    inputs = open_inputs({"inspected": dump_dir}, verify=verify, out=out, force=force)
+    res = inspect_dump(inputs["inspected"], compile_filter(filter_), verify=verify)
     keep = [i for i, (n, f) in enumerate(zip(res.table["nan"].fillna(0), res.table["inf"].fillna(0))) if n or f]
-    write_output(render(res.table, fmt, keep=keep, summary=res.totals), out)
+    text = render(res.table, fmt, keep=keep, summary={**res.totals, "problems": res.problems} if fmt == "json"
+                  else res.totals, cut=interactive(out))
+    write_output(text, out, force=force, protect=inputs.paths)
     for w in res.warnings[:20]:
         click.echo(f"warning: {w}", err=True)
     if len(res.warnings) > 20:
-        click.echo(f"warning: ... and {len(res.warnings) - 20} more records with NaN/Inf", err=True)
+        click.echo(f"warning: ... and {len(res.warnings) - 20} more", err=True)
+    _fail_if_damaged(dump_dir, res, allow_incomplete)
+
+
+def _fail_if_damaged(dump_dir, res, allow_incomplete) -> None:
+    if res.problems:
+        more = f" (and {len(res.problems) - 5} more)" if len(res.problems) > 5 else ""
+        raise DumpError(f"{dump_dir} is damaged: {len(res.problems)} problem(s): "
+                        + "; ".join(res.problems[:5]) + more)
+    if res.incomplete and not allow_incomplete:
+        raise DumpError(f"{dump_dir} is incomplete: {'; '.join(res.incomplete)} "
+                        "(--allow-incomplete accepts it)")
 
 
 @cli.command("schema")
 @click.argument("a", metavar="A")
 @click.argument("b", metavar="B")
+@click.option("--allow-incomplete", is_flag=True, help="Do not fail because A or B did not close cleanly.")
 @output_options
-def schema_cmd(a, b, fmt, out, filter_):
+def schema_cmd(a, b, allow_incomplete, fmt, out, force, filter_):
     """Records only in dump A, only in dump B, and common records whose shape
-    or dtype differ. Exit 1 when there is any such record."""
+    or dtype differ. Exit 1 when there is any such record, or A or B is
+    incomplete."""
     from parity.inspect import schema_diff
 
-    diff = schema_diff(a, b, compile_filter(filter_))
-    summary = {"differences": len(diff)}
-    write_output(render(diff, fmt, summary=summary) if len(diff) or fmt != "table"
-                 else "schemas match", out)
-    raise SystemExit(1 if len(diff) else 0)
+    inputs = open_inputs({"A": a, "B": b}, allow_incomplete=allow_incomplete, out=out, force=force)
+    diff = schema_diff(inputs["A"], inputs["B"], compile_filter(filter_))
+    summary = {"differences": len(diff), **inputs.summary()}
+    text = (render(diff, fmt, summary=summary, cut=interactive(out)) if len(diff) or fmt != "table"
+            else "\n".join(["schemas match"] + [f"{k}: {v}" for k, v in inputs.summary().items()]))
+    write_output(text, out, force=force, protect=inputs.paths)
+    raise SystemExit(inputs.exit_code(1 if len(diff) else 0))
 
 
 @cli.command("env")

@@ -136,14 +136,15 @@ def gsm8k_cmd(endpoint, engine, reference, lm_eval_results, lm_eval_samples, mod
 @click.option("--text", is_flag=True,
               help="Also list questions with the same answer but a different generation.")
 @output_options
-def diff_cmd(a, b, score, text, fmt, out, filter_):
+def diff_cmd(a, b, score, text, fmt, out, force, filter_):
     """Questions whose correctness or extracted answer differs between two
     gate runs (out dirs, samples.jsonl, or lm-eval samples jsonl).
     Exit 1 when any question is listed."""
     from parity.cli._options import compile_filter
     from parity.gate.run import diff_samples, load_samples
-    from parity.report.tables import render, write_output
+    from parity.report.tables import check_out, interactive, render, write_output
 
+    check_out(out, force=force, protect=(a, b))
     df, counts = diff_samples(load_samples(a), load_samples(b), score, text=text)
     rx = compile_filter(filter_)
     if rx is not None:
@@ -151,6 +152,6 @@ def diff_cmd(a, b, score, text, fmt, out, filter_):
     if len(df) == 0 and fmt == "table":
         rendered = "no question differs\n" + "\n".join(f"{k}: {v}" for k, v in counts.items())
     else:
-        rendered = render(df, fmt, summary=counts)
-    write_output(rendered, out)
+        rendered = render(df, fmt, summary=counts, cut=interactive(out))
+    write_output(rendered, out, force=force, protect=(a, b))
     raise SystemExit(1 if counts["differing questions"] else 0)

@@ -32,8 +32,14 @@ class CompareResult:
         return bool((self.table["verdict"] == "fail").any()) if len(self.table) else False
 
     @property
+    def missing(self) -> int:
+        """Pieces of the reference with no partner in the target (within the
+        filter): records the target should hold and does not."""
+        return len(self.only_ref)
+
+    @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.missing else 0
 
     def worst(self, n: int = 10) -> list[int]:
         """Row positions of the first failing row and the ``n`` worst rows."""
@@ -52,10 +58,21 @@ class CompareResult:
             out[s] = int((t["verdict"] == s).sum()) if len(t) else 0
         out["only_in_reference"] = len(self.only_ref)
         out["only_in_target"] = len(self.only_target)
+        if self.missing:
+            out["missing_in_target"] = missing_message(self.missing, len(set(self.only_ref["key"])))
         if self.failed:
             r = t[t["verdict"] == "fail"].iloc[0]
             out["first_failure"] = f"{r['key']} ({r['phase']} step {r['step']} seq {r['seq']}): {r['reason']}"
         return out
+
+
+def missing_message(pieces: int, records: int | None = None) -> str:
+    """Why a comparison fails when the target lacks what the reference has.
+    ``records`` None: the pieces are whole records (weights, summaries)."""
+    what = f"{pieces} piece(s) of {records} reference record(s)" if records is not None else \
+        f"{pieces} reference record(s)"
+    return (f"{what} are missing from the target (a run cut short, or a narrower capture): the "
+            "comparison fails unless a filter leaves them out")
 
 
 def run_precision(*dumps) -> str | None:
@@ -270,8 +287,8 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
     rs, ts = cut_dump(rd, mapping, keep=keep), cut_dump(td, mapping, keep=keep)
     for side, name in ((rs, "reference"), (ts, "target")):
         if not side.pieces:
-            what = "no tensor records" + (" match --filter" if pat else "")
-            raise ParityError(f"{name} dump {side.dump.path}: {what}"
+            what = f"--filter {pat.pattern!r} matches no tensor record" if pat else "no tensor records"
+            raise ParityError(f"{name} dump {side.dump.given}: {what}"
                               + (f" ({side.unmapped} records were not covered by the mapping)" if side.unmapped else "")
                               + side.dump.stats_only_hint())
         if side.unmapped:
@@ -314,3 +331,20 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
     if noise is not None:
         notes.append(f"verdicts against a noise model of {len(noise)} perturbed reference runs")
     return CompareResult(table, _only_frame(al.only_ref), _only_frame(al.only_target), notes, dec, fd is not None)
+
+
+def missing_decisions(ref, target, *, mapping=None, preset: str | None = None, filter=None) -> str | None:
+    """The missing-records line for decision taps (``parity topk``): pieces
+    of the reference's decision taps with no partner in the target; None
+    when every one has one. Reads manifests only."""
+    from parity.decisions import decision_kind
+
+    rd, td = as_dump(ref), as_dump(target)
+    if mapping is None or isinstance(mapping, str):
+        mapping = resolve_mapping(mapping, preset)
+    pat = re.compile(filter) if isinstance(filter, str) else filter
+    keep = lambda k: decision_kind(k) is not None and (pat is None or pat.search(k) is not None)
+    al = align(cut_dump(rd, mapping, keep=keep), cut_dump(td, mapping, keep=keep))
+    if not al.only_ref:
+        return None
+    return missing_message(len(al.only_ref), len({p.key for p in al.only_ref}))

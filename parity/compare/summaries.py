@@ -31,6 +31,11 @@ _RANK = {"fail": 3, "warn": 2, "skip": 1, "consistent": 0}
 
 
 class SummaryDiff(TableResult):
+    @property
+    def exit_code(self) -> int:
+        # A reference record the target lacks fails too: a run cut short must not pass.
+        return 1 if self.failed or self.only_ref else 0
+
     def first_divergence(self) -> dict | None:
         """The first failing row in the reference's execution order."""
         bad = self.table[self.table["verdict"] == "fail"]
@@ -52,6 +57,10 @@ class SummaryDiff(TableResult):
             out[s] = int((t["verdict"] == s).sum()) if len(t) else 0
         out["only_in_reference"] = len(self.only_ref)
         out["only_in_target"] = len(self.only_target)
+        if self.only_ref:
+            from parity.compare.api import missing_message
+
+            out["missing_in_target"] = missing_message(len(self.only_ref))
         first = self.first_divergence()
         if first is not None:
             layer, step = _int_or_none(first["layer"]), _int_or_none(first["step"])
@@ -84,8 +93,8 @@ def summary_diff(ref, target, *, mapping=None, preset: str | None = None, filter
                 continue
             index[k] = rec
         if not index:
-            raise ParityError(f"{name} dump {dump.path}: no record with a summary"
-                              + (" matches --filter" if pat is not None else ""))
+            raise ParityError(f"{name} dump {dump.given}: no record with a summary"
+                              + (f" matches --filter {pat.pattern!r}" if pat is not None else ""))
         if dup:
             notes.append(f"{dup} {name} records repeat an earlier (key, phase, step, call, seq, rank); "
                          "the first of each is used")

@@ -76,7 +76,10 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, k: int | None = None
 
 
 class WeightsResult(TableResult):
-    pass
+    @property
+    def exit_code(self) -> int:
+        # A weight the reference has and the target lacks fails too.
+        return 1 if self.failed or self.only_ref else 0
 
 
 def _quantized(t: torch.Tensor) -> bool:
@@ -115,6 +118,8 @@ def compare_weights(ref, target, *, mapping=None, preset: str | None = None, fil
         scales.append({(r.rank, r.module): r for r in recs if _is_scale(r.module)})
         keep = lambda k: not _is_scale(k.split(":", 1)[0]) and (pat is None or pat.search(k) is not None)
         sides.append(cut_dump(d, mapping, keep=keep, stages={"weight"}))
+    if pat is not None and not (sides[0].pieces or sides[1].pieces):
+        raise ParityError(f"--filter {pat.pattern!r} matches no weight of {rd.given} or {td.given}")
     al = align(*sides)
     rows = []
     for p in al.pairs:

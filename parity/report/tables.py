@@ -1,8 +1,9 @@
 """Render a pandas DataFrame as a terminal table, csv, json or markdown.
 
-Terminal tables are cut to a row budget; when a table is cut, the rows that
-matter most (the caller says which, usually the worst) are kept and the rest
-are summarised in one line, so a divergence is never scrolled away.
+On an interactive terminal a table is cut to the screen; when it is, the
+rows that matter most (the caller says which, usually the worst) are kept and
+the rest are summarised in one line, so a divergence is never scrolled away.
+Files and pipes always get every row.
 """
 
 from __future__ import annotations
@@ -112,10 +113,27 @@ def to_json(df: pd.DataFrame, extra: dict | None = None) -> str:
     return json.dumps(payload, indent=1, default=str)
 
 
+def _stdout_is_tty() -> bool:
+    import sys
+
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+def interactive(out: str | None = None) -> bool:
+    """Whether text goes to a terminal someone reads: only there are tables
+    cut to the screen. Files and pipes get every row."""
+    return out is None and _stdout_is_tty()
+
+
 def render(df: pd.DataFrame, fmt: str = "table", *, keep: Iterable[int] | None = None,
-           summary: dict | None = None, max_rows: int | None = None) -> str:
+           summary: dict | None = None, max_rows: int | None = None, cut: bool | None = None) -> str:
     """Render ``df`` in one of FORMATS. ``summary`` is extra key/values: shown
-    after the table in text formats, merged into the JSON object."""
+    after the table in text formats, merged into the JSON object. ``cut``:
+    fit a table to the terminal (default: when stdout is one); ``max_rows``
+    bounds it whatever the destination."""
     if fmt not in FORMATS:
         raise ParityError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "csv":
@@ -127,26 +145,76 @@ def render(df: pd.DataFrame, fmt: str = "table", *, keep: Iterable[int] | None =
         if summary:
             text += "\n\n" + "\n".join(f"- **{k}**: {_fmt_cell(v)}" for k, v in summary.items())
         return text
-    size = shutil.get_terminal_size((160, 40))
-    if max_rows is None:
-        max_rows = max(10, size.lines - 8)
-    text = to_text(df, max_rows=max_rows, keep=keep, max_width=max(80, size.columns))
+    width = None
+    if interactive() if cut is None else cut:
+        size = shutil.get_terminal_size((160, 40))
+        max_rows = max_rows if max_rows is not None else max(10, size.lines - 8)
+        width = max(80, size.columns)
+    text = to_text(df, max_rows=max_rows, keep=keep, max_width=width)
     if summary:
         text += "\n" + "\n".join(f"{k}: {_fmt_cell(v)}" for k, v in summary.items())
     return text
 
 
-def write_output(text: str, out: str | None, *, overwrite: bool = True) -> None:
-    """Print ``text`` or write it to ``out`` atomically."""
+def inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_out(out: str | None, *, force: bool = False, protect: Iterable[str] = (), label: str = "--out") -> None:
+    """Refuse a destination that would clobber something: an existing file
+    (unless ``force``), a folder, or anything inside the inputs being read
+    (``protect``: dump folders and input files; refused even with ``force``).
+    Called before the work starts, and again when writing."""
+    if out is None:
+        return
+    for p in protect:
+        if p and (inside(out, p) if os.path.isdir(p) else os.path.realpath(out) == os.path.realpath(p)):
+            raise ParityError(f"{label} {out} is inside the input {p}: parity never writes into what it reads; "
+                              "choose a path outside it")
+    if os.path.isdir(out):
+        raise ParityError(f"{label} {out} is a folder; give a file name")
+    if os.path.lexists(out) and not force:
+        raise ParityError(f"{label} {out} already exists; give --force to replace it")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ParityError(f"cannot write {out}: folder {parent} does not exist")
+
+
+def write_output(text: str, out: str | None, *, force: bool = False, protect: Iterable[str] = ()) -> None:
+    """Print ``text`` or write it to ``out`` atomically. Without ``force``
+    the file is created only if absent (a hard link of the finished
+    temporary file: no window where a file that appeared meanwhile is
+    replaced)."""
     import click
 
     if out is None:
         click.echo(text)
         return
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise ParityError(f"cannot write {out}: folder {parent} does not exist")
+    protect = list(protect)
+    check_out(out, force=force, protect=protect)
     tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+        if force:
+            os.replace(tmp, out)
+        else:
+            _link_new(tmp, out)
+    except OSError as exc:
+        raise ParityError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _link_new(tmp: str, out: str) -> None:
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ParityError(f"--out {out} already exists; give --force to replace it") from None
+    except OSError:
+        # A filesystem without hard links: exclusive create, then the text.
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with open(tmp, "rb") as src, os.fdopen(fd, "wb") as dst:
+            dst.write(src.read())

@@ -12,6 +12,7 @@ import torch
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
 MANIFEST = "manifest.jsonl"
+RANK_FILE = "rank.json"       # per rank: who wrote it and whether it closed cleanly
 
 # safetensors dtype codes; the manifest keeps torch's names ("bfloat16").
 _ST_CODES = {
@@ -76,12 +77,26 @@ class Record:
         return json.dumps(vars(self), separators=(",", ":"), allow_nan=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Record":
-        names = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, d) -> "Record":
+        """A Record from one parsed manifest line. Raises ValueError naming the
+        field when the line is not an object or a field has the wrong type:
+        the readers index shapes, offsets and layouts with these values."""
+        if not isinstance(d, dict):
+            raise ValueError(f"not a JSON object (a {_json_type(d)})")
         missing = {"key", "module", "stage"} - d.keys()
         if missing:
             raise ValueError(f"missing fields {sorted(missing)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in d.items() if k in names}
+        for name, value in fields.items():
+            _check_field(name, value)
+        rec = cls(**fields)
+        if rec.kind == "tensor":
+            for name in ("file", "tensor", "dtype"):
+                if not getattr(rec, name):
+                    raise ValueError(f"a tensor record needs '{name}'")
+            dtype_from_name(rec.dtype)
+        return rec
 
     @property
     def seq_ids(self) -> list[int] | None:
@@ -90,3 +105,67 @@ class Record:
     @property
     def cu_seqlens(self) -> list[int] | None:
         return self.meta.get("cu_seqlens")
+
+
+def _json_type(v) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_list(v, minimum: int | None = 0) -> bool:
+    return isinstance(v, list) and all(_is_int(x) and (minimum is None or x >= minimum) for x in v)
+
+
+def _number_or_none(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+# field -> (test, what the field must be). Written from the readers' needs:
+# anything used as an index, an offset or a dict is checked here, once.
+_FIELD_RULES = {
+    "key": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "module": (lambda v: isinstance(v, str), "a string"),
+    "stage": (lambda v: isinstance(v, str), "a string"),
+    "cls": (lambda v: isinstance(v, str), "a string"),
+    "layer": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "call": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "phase": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "step": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "rank": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "world_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "shape": (_int_list, "a list of non-negative integers"),
+    "dtype": (lambda v: isinstance(v, str), "a string"),
+    "kind": (lambda v: v in ("tensor", "stats"), "'tensor' or 'stats'"),
+    "file": (lambda v: v is None or (isinstance(v, str) and v != ""), "a file name or null"),
+    "tensor": (lambda v: v is None or (isinstance(v, str) and v != ""), "a tensor name or null"),
+    "stats": (lambda v: isinstance(v, dict) and all(_number_or_none(x) for x in v.values()),
+              "an object of numbers"),
+    "hash": (lambda v: v is None or (isinstance(v, str) and v.startswith("sha256:")), "'sha256:<hex>' or null"),
+    "meta": (lambda v: isinstance(v, dict), "an object"),
+    "seq": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+}
+
+# Layout metadata the compare commands cut tensors with.
+_META_RULES = {
+    "seq_ids": (lambda v: _int_list(v, None), "a list of integers"),
+    "cu_seqlens": (lambda v: _int_list(v) and all(a <= b for a, b in zip(v, v[1:])),
+                   "a non-decreasing list of non-negative integers"),
+    "seq_lens": (_int_list, "a list of non-negative integers"),
+    "slot_ids": (lambda v: _int_list(v, None), "a list of integers"),
+    "shard_dim": (lambda v: v is None or _is_int(v), "an integer"),
+    "padding_side": (lambda v: v in ("left", "right"), "'left' or 'right'"),
+}
+
+
+def _check_field(name: str, value) -> None:
+    ok, what = _FIELD_RULES[name]
+    if not ok(value):
+        raise ValueError(f"field '{name}' must be {what}, got {json.dumps(value)[:60]}")
+    if name == "meta":
+        for k, (ok, what) in _META_RULES.items():
+            if k in value and not ok(value[k]):
+                raise ValueError(f"meta '{k}' must be {what}, got {json.dumps(value[k])[:60]}")
