@@ -6,9 +6,11 @@ Writes a reference and a target dump (RECORDS x [ROWS, COLS] fp32, about
 - sha256 of the stored bytes alone (the manifest hash);
 - compare_dumps with and without hash verification;
 - slot_invariance --same-prompt (the cheapest reader: memcmp) with and without;
-- opening every shard of a dump of many small shards and loading its tensors.
+- opening every shard of a dump of many small shards and loading its tensors
+  (with --old-reader, also through another version's reader).
 
-    python3 bench/bench_verify.py --dir /tmp/bverify --mb 1024 --repeat 3
+    git show 26f22ff:parity/store/reader.py > /tmp/old_reader.py
+    python3 bench/bench_verify.py --dir /tmp/bverify --mb 1024 --repeat 3 --old-reader /tmp/old_reader.py
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--small-shards", type=int, default=2000)
+    ap.add_argument("--old-reader", default=None,
+                    help="A reader.py of another version (e.g. git show 26f22ff:parity/store/reader.py) to time too.")
     a = ap.parse_args()
     shutil.rmtree(a.dir, ignore_errors=True)
     rows, cols = 2048, 4096                       # 32 MiB per fp32 record
@@ -101,14 +105,24 @@ def main() -> None:
     w.close()
     _cat(small)
 
-    def open_all():
-        dd = open_dump(small)
-        for r in dd.records():
-            dd.load(r)
+    readers = {"this reader (safe_open)": open_dump}
+    if a.old_reader:
+        import importlib.util
 
-    s = _best(open_all, a.repeat)
-    print(f"{a.small_shards} shards of one 16x16 tensor, open + load + verify each: {s:.2f} s "
-          f"({s / a.small_shards * 1e6:.0f} us per shard)")
+        spec = importlib.util.spec_from_file_location("old_reader", a.old_reader)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        readers[f"{a.old_reader} (hand parser)"] = mod.open_dump
+    for name, opener in readers.items():
+        for verify in (False, True):
+            def open_all():
+                dd = opener(small)
+                for r in dd.records():
+                    dd.load(r, verify=verify)
+
+            s = _best(open_all, a.repeat)
+            print(f"{name}: {a.small_shards} shards of one 16x16 tensor, manifest + open + load, verify={verify}: "
+                  f"{s:.2f} s ({s / a.small_shards * 1e6:.0f} us per shard)")
 
 
 if __name__ == "__main__":

@@ -442,7 +442,7 @@ def test_incomplete_reason_is_shown(base, copy):
 def test_cut_last_line_is_incomplete_not_a_warning(base, copy):
     d = _unclosed(copy("eng"), keep_lines=10, cut=True)
     r = bad(2, ["ends in a line cut short"], "inspect", d, inputs=[d])
-    assert "UserWarning" not in r.output
+    assert "UserWarning" not in r.output and "warning: the" not in r.output  # said once, as the error
 
 
 def test_killed_target_fails_with_the_missing_count(base, copy):
@@ -468,6 +468,15 @@ def test_narrower_capture_fails_until_filtered(base, copy):
     bad(1, ["missing from the target"], "ref-vs-target", "--ref", base["ref"], "--target", d, inputs=[d])
     bad(1, ["missing from the target"], "summary-diff", "--ref", base["eng"], "--target", d, inputs=[d])
     bad(0, ["fail: 0"], "ref-vs-target", "--ref", base["ref"], "--target", d, "--filter", "^model", inputs=[d])
+
+
+def test_missing_decision_taps_fail_topk(base, copy):
+    d = copy("eng")
+    p = os.path.join(d, MANIFEST)
+    lines = [x for x in open(p).read().splitlines() if "layers.1.mlp.topk" not in x]
+    open(p, "w").write("\n".join(lines) + "\n")
+    bad(1, ["missing from the target"], "topk", "--ref", base["ref"], "--target", d, inputs=[d])
+    bad(0, ["differ: 0"], "topk", "--ref", base["ref"], "--target", d, "--filter", r"layers\.0\.", inputs=[d])
 
 
 def test_missing_run_json_and_rank_manifest_are_incomplete(copy):

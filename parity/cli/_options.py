@@ -90,9 +90,10 @@ class Inputs:
 
 
 def open_inputs(roles: dict, *, verify: bool = True, allow_incomplete: bool = False, out: str | None = None,
-                force: bool = False, plot_dir: str | None = None, extra_paths=()) -> Inputs:
+                force: bool = False, plot_dir: str | None = None, extra_paths=(), warn: bool = True) -> Inputs:
     """Open every dump named in ``roles`` (role -> path, or None), say which
-    are incomplete, and refuse --out / --plot destinations before any work."""
+    are incomplete (unless ``warn`` is off: the command reports it itself),
+    and refuse --out / --plot destinations before any work."""
     from parity.store import open_dump
 
     inputs = Inputs(allow_incomplete=allow_incomplete)
@@ -105,7 +106,8 @@ def open_inputs(roles: dict, *, verify: bool = True, allow_incomplete: bool = Fa
     check_out(out, force=force, protect=inputs.paths)
     if plot_dir is not None:
         check_plot_dir(plot_dir, inputs.paths)
-    inputs.warn()
+    if warn:
+        inputs.warn()
     return inputs
 
 

@@ -26,7 +26,7 @@ def inspect_cmd(dump_dir, verify, allow_incomplete, fmt, out, force, filter_):
     """
     from parity.inspect import inspect_dump
 
-    inputs = open_inputs({"inspected": dump_dir}, verify=verify, out=out, force=force)
+    inputs = open_inputs({"inspected": dump_dir}, verify=verify, out=out, force=force, warn=False)
     res = inspect_dump(inputs["inspected"], compile_filter(filter_), verify=verify)
     keep = [i for i, (n, f) in enumerate(zip(res.table["nan"].fillna(0), res.table["inf"].fillna(0))) if n or f]
     text = render(res.table, fmt, keep=keep, summary={**res.totals, "problems": res.problems} if fmt == "json"

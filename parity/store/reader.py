@@ -168,8 +168,10 @@ def _unfinished(info: dict | None, label: str) -> list[str]:
         return []
     if info.get("incomplete_reason"):
         return [f"{label}: the run is incomplete: {info['incomplete_reason']}"]
-    if info.get("complete") is False or "end_time" not in info:
+    if "end_time" not in info:
         return [f"{label}: capture never closed (the process was killed, or is still running)"]
+    if info.get("complete") is False:
+        return [f"{label}: the run closed incomplete (no reason given)"]
     return []
 
 
