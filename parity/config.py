@@ -28,6 +28,8 @@ def parse_int_set(text: str | None, what: str) -> frozenset[int] | None:
         part = part.strip()
         if not part:
             continue
+        if part.startswith("-"):
+            raise ConfigError(f"{what}={text!r}: indices cannot be negative ('all' selects every one)")
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
         try:
             if m:
@@ -39,6 +41,8 @@ def parse_int_set(text: str | None, what: str) -> frozenset[int] | None:
                 out.add(int(part))
         except ValueError:
             raise ConfigError(f"{what}={text!r}: expected integers and ranges like '0-3,10'") from None
+    if not out:
+        raise ConfigError(f"{what}={text!r} selects nothing; expected integers and ranges like '0-3,10', or 'all'")
     return frozenset(out)
 
 
@@ -113,7 +117,13 @@ class CaptureConfig:
         src = {k: v for k, v in env.items() if k.startswith("PARITY_") and not k.startswith("PARITY_ENGINE")}
 
         classes = g("PARITY_DUMP_CLASSES")
-        classes = frozenset(c.strip() for c in classes.split(",") if c.strip()) if classes else None
+        if classes is not None and classes.strip():
+            names = frozenset(c.strip() for c in classes.split(",") if c.strip())
+            if not names:
+                raise ConfigError(f"PARITY_DUMP_CLASSES={classes!r} names no class")
+            classes = names
+        else:
+            classes = None
 
         calls_text = g("PARITY_DUMP_CALLS")
         calls = frozenset({0}) if calls_text is None else parse_int_set(calls_text, "PARITY_DUMP_CALLS")

@@ -100,6 +100,8 @@ def install(model, config: CaptureConfig | None = None, run_info: dict | None = 
 
     info = {"model": type(model).__name__, **(run_info or {})}
     try:
+        if not _filters_match(model, cfg, prefix):
+            return CaptureHandle()
         p = next(model.parameters(), None)
         if p is not None:
             info.setdefault("device", str(p.device))
@@ -114,6 +116,24 @@ def install(model, config: CaptureConfig | None = None, run_info: dict | None = 
         print(f"parity: capture disabled: {type(exc).__name__}: {exc}", file=sys.stderr)
         return CaptureHandle()
     return handle
+
+
+def _filters_match(model, cfg: CaptureConfig, prefix: str) -> bool:
+    """Say in one line what in the filters matches nothing in ``model``;
+    False when nothing at all could be captured (no module, no taps)."""
+    from parity.capture import hooks
+
+    if not cfg.stages & {"inputs", "outputs"}:
+        return True
+    selected, problems = hooks.filter_problems(model, cfg, prefix)
+    if not problems:
+        return True
+    if not selected and "taps" not in cfg.stages:
+        print(f"parity: capture disabled: {'; '.join(problems)}", file=sys.stderr)
+        return False
+    then = "only taps are captured" if not selected else "capture goes on with the modules that match"
+    print(f"parity: {'; '.join(problems)}; {then}", file=sys.stderr)
+    return True
 
 
 def active() -> bool:

@@ -49,6 +49,49 @@ def select_modules(model: torch.nn.Module, cfg: CaptureConfig, prefix: str = "")
         yield full or type(mod).__name__, mod, layer
 
 
+def filter_problems(model: torch.nn.Module, cfg: CaptureConfig, prefix: str = "") -> tuple[int, list[str]]:
+    """How many modules of ``model`` the config selects, and each filter
+    that matches nothing in it (a typo would otherwise give an empty dump
+    and no word)."""
+    name = type(model).__name__
+    mods = list(model.named_modules())
+    problems = []
+    if cfg.classes is not None:
+        present = {type(m).__name__ for _, m in mods}
+        missing = sorted(cfg.classes - present)
+        if missing:
+            problems.append(f"PARITY_DUMP_CLASSES: {name} has no module of class {', '.join(missing)} "
+                            f"(its classes: {_some(sorted(present))})")
+    if cfg.modules is not None:
+        paths = [f"{prefix}.{p}".strip(".") if prefix else p for p, _ in mods]
+        if not any(cfg.modules.search(p) for p in paths):
+            problems.append(f"PARITY_DUMP_MODULES={cfg.modules.pattern!r} matches no module path of {name}")
+    if cfg.layers is not None:
+        have = {v for v in module_layers(model, cfg.layer_attr).values() if v is not None}
+        if not have & cfg.layers:
+            problems.append(f"PARITY_DUMP_LAYERS={_ranges(cfg.layers)} matches no layer of {name} "
+                            f"({'its layers: ' + _ranges(have) if have else 'no module of it is in a layer'})")
+    selected = sum(1 for _ in select_modules(model, cfg, prefix))
+    if not selected and not problems:
+        problems.append(f"the capture filters together select no module of {name}")
+    return selected, problems
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _ranges(values) -> str:
+    """{0, 1, 2, 3, 10} -> '0-3,10'."""
+    spans: list[list[int]] = []
+    for v in sorted(values):
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
+
+
 def register(model: torch.nn.Module, session: CaptureSession, prefix: str = "") -> list:
     """Register hooks; return their removable handles."""
     cfg = session.config
