@@ -18,8 +18,89 @@ import torch
 from parity.compare.align import Alignment, Pair, as_dump, align, cut_dump, resolve_mapping, split_key
 
 # (suffix of the module part of a canonical key, kind)
-DECISION_TAPS = ((".indexer.topk", "topk"), (".topk_ids", "ids"), (".topk_weights", "weights"))
+DECISION_TAPS = ((".indexer.topk", "topk"), (".topk_ids", "ids"), (".topk_weights", "weights"),
+                 (".topk_margin", "margin"))
+# An implementation may tap, next to a decision, the margin each token's
+# choice was made by: the k-th largest selection score minus the (k+1)-th
+# (``topk_margin``). A flip is a near-tie only when that margin is within
+# NEAR_TIE times the largest margin difference the two runs show at the
+# tokens where they agree: the scores' own rounding, measured on the pair.
+MARGIN_OF = {".topk_ids": ".topk_margin", ".indexer.topk": ".indexer.topk_margin"}
+NEAR_TIE = 4.0
+# Margins that differ, where decisions agree, by this share of a typical
+# margin mean the scores themselves differ: no flip is then a near-tie.
+SCORES_OFF = 0.1
 _ROWS = 1 << 14  # tokens per block when scattering weights to a dense [tokens, experts]
+
+
+def margin_key(key: str) -> str | None:
+    """The canonical key of the margin tap that goes with decision ``key``."""
+    module, _, stage = key.partition(":")
+    for suffix, margin in MARGIN_OF.items():
+        if module.endswith(suffix):
+            return module[: -len(suffix)] + margin + ":" + stage
+    return None
+
+
+def topk_margin(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of ``scores`` [..., n]: the k-th largest minus the (k+1)-th,
+    in float32 (what an implementation taps as ``topk_margin``). Rows with
+    no candidate left out get +inf: no rounding can flip them."""
+    s = scores.float()
+    if s.shape[-1] <= k:
+        return torch.full(s.shape[:-1], float("inf"), device=s.device)
+    top = s.topk(k + 1, dim=-1).values
+    return top[..., k - 1] - top[..., k]
+
+
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).double()
+
+
+def flip_scale(members) -> tuple[float, str | None]:
+    """The yardstick of one decision record: the margin difference the two
+    runs show at nine in ten of the tokens where they decide alike, over
+    ``members`` (a_ids, b_ids, margin_a, margin_b) of that record. Second: a
+    reason when that difference is a sizeable share (SCORES_OFF) of the
+    margins themselves (the scores differ beyond rounding), else None."""
+    diffs, margins = [], []
+    for a_ids, b_ids, m_a, m_b in members:
+        a, b = pad_width(a_ids, b_ids)
+        same = set_overlap(a, b) >= 1.0
+        ma, mb = _rows_of(m_a), _rows_of(m_b)
+        if ma.numel() != same.numel() or mb.numel() != same.numel():
+            continue
+        ok = torch.isfinite(ma) & torch.isfinite(mb)
+        diffs.append((ma - mb).abs()[ok & same])
+        margins.append(mb[torch.isfinite(mb)].abs())
+    d = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.float64)
+    m = torch.cat(margins) if margins else torch.zeros(0, dtype=torch.float64)
+    # The 90th percentile, not the maximum: a bug that moves the scores of a
+    # few tokens must not widen the yardstick for all of them.
+    scale = float(d.quantile(0.9)) if d.numel() else 0.0
+    # Margins equal to the bit where decisions agree still round somewhere:
+    # one unit of the margins' own size is the least a flip may cross.
+    typical = float(m.median()) if m.numel() else 0.0
+    scale = max(scale, typical * torch.finfo(torch.float32).eps)
+    if typical > 0 and scale > SCORES_OFF * typical:
+        return scale, (f"the margins differ by {scale:.1e} where the decisions agree, {scale / typical:.2g} of a "
+                       "typical margin: the scores differ beyond rounding")
+    return scale, None
+
+
+def size_flips(a_ids, b_ids, m_a, m_b, *, scale: float) -> dict:
+    """Flipped tokens of a decision pair (target a, reference b): ``near_tie``
+    where the reference's margin is within NEAR_TIE x ``scale``, ``changed``
+    beyond it."""
+    a, b = pad_width(a_ids, b_ids)
+    flipped = set_overlap(a, b) < 1.0
+    mb = _rows_of(m_b)
+    if mb.numel() != flipped.numel() or _rows_of(m_a).numel() != flipped.numel():
+        return {"error": f"margin rows {mb.numel()} vs {flipped.numel()} decision rows"}
+    tie = mb.abs() <= NEAR_TIE * scale
+    n_flip = int(flipped.sum())
+    near = int((flipped & tie).sum())
+    return {"tokens": int(flipped.numel()), "flipped": n_flip, "near_tie": near, "changed": n_flip - near}
 
 
 def decision_kind(key: str) -> str | None:

@@ -17,6 +17,9 @@ names of docs/CONTRACTS.md:
   returns them in no particular order (``topk(sorted=False)``), so both are
   put in ascending expert-id order; a consumer comparing them element-wise
   must do the same.
+* ``model.layers.N.mlp.topk_margin``: score-routed layers only, ``[B, S]``
+  float32: the k-th largest selection score (score + correction bias) minus
+  the (k+1)-th, by which compare tells a near-tie flip from a changed choice.
 * ``model.layers.N.attn_hc.mix`` / ``.ffn_hc.mix``: the hyper-connection
   weights ``[B, S, (2 + hc) * hc]`` = ``pre`` (hc) | ``post`` (hc) | ``comb``
   (hc x hc, row-major ``comb[j, k]``, the matrix applied as ``comb.T @ h``).
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import parity
+from parity.decisions import topk_margin
 from parity.ref_patch import patch_method
 
 
@@ -116,6 +120,10 @@ def reference_taps(model):
                 base = path.removesuffix(".gate")
                 parity.tap(base + ".topk_ids", ids.long().reshape(*lead, -1))
                 parity.tap(base + ".topk_weights", weights.reshape(*lead, -1))
+                bias = getattr(self, "e_score_correction_bias", None)
+                if bias is not None:  # a score-routed layer: the margin its choice was made by
+                    chosen_by = self.score_fn(out[0]) + bias
+                    parity.tap(base + ".topk_margin", topk_margin(chosen_by, self.top_k).reshape(lead))
 
             _safe(record)
         return out

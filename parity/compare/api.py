@@ -159,7 +159,7 @@ def _flip_verdict(row, frac: float, noise):
 
 def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision, noise=None,
          token_errors: bool = False) -> dict:
-    from parity.compare.verdict import floor_verdict, noise_verdict, verdict_for
+    from parity.compare.verdict import Verdict, floor_verdict, noise_verdict, verdict_for
     from parity.decisions import decision_kind
 
     r, t = pair.ref, pair.target
@@ -214,6 +214,11 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision,
             notes.append("no noise record; fixed thresholds")
         else:
             v = nv
+    if kind == "margin" and not (m.get("nonfinite_mismatch") or m.get("shape_mismatch")):
+        # a difference of two close scores has no relative accuracy of its own
+        # (one token's margin of 1e-4 carries a 1e-7 score error as 1e-3):
+        # it sizes the flips of its decision and is judged with it
+        v = Verdict("pass", "a decision's margin: judged with the decision, not by its own rel_l2")
     row["verdict"], row["reason"] = v.status, "; ".join([v.reason] + notes)
     return row
 
@@ -231,6 +236,60 @@ def frame(rows: list[dict], cols: list[str]) -> pd.DataFrame:
 def _only_frame(pieces: list[Piece]) -> pd.DataFrame:
     cols = ["key", "phase", "step", "call", "seq", "rank"]
     return frame([{c: getattr(p, c) for c in cols} for p in pieces], cols)
+
+
+def _size_flips(table: pd.DataFrame, pairs: list[Pair], rdump, tdump) -> None:
+    """Decision rows that flipped, sized by their margin taps (decisions.py),
+    with one yardstick per decision record and phase (a decode step holds a
+    token or two per sequence): near-ties warn; a share of changed decisions
+    beyond IDS_FAIL_FRAC fails."""
+    from parity.compare.verdict import IDS_FAIL_FRAC
+    from parity.decisions import NEAR_TIE, decision_kind, flip_scale, margin_key, size_flips
+
+    at = {row_key(table.iloc[i]): i for i in range(len(table))}
+    table["flip_near_tie"] = None
+    table["flip_changed"] = None
+    groups: dict[tuple, list] = {}
+    for i, p in enumerate(pairs):
+        row = table.iloc[i]
+        if decision_kind(p.ref.key) not in ("ids", "topk") or row["frac_equal"] is None:
+            continue
+        mk = margin_key(p.ref.key)
+        j = at.get((mk,) + row_key(row)[1:]) if mk else None
+        if j is None:
+            if row["frac_equal"] < 1.0:
+                table.at[i, "reason"] = row["reason"] + "; no margin tap, so a near-tie cannot be told from a changed decision"
+            continue
+        try:
+            tensors = (p.target.load(tdump), p.ref.load(rdump), pairs[j].target.load(tdump), pairs[j].ref.load(rdump))
+        except ShapeMismatch as exc:
+            table.at[i, "reason"] = row["reason"] + f"; margins not usable: {exc}"
+            continue
+        groups.setdefault((p.ref.key, row["phase"], row["rank"]), []).append((i, tensors))
+    times = f"{NEAR_TIE:g}x"
+    for members in groups.values():
+        scale, off = flip_scale([t for _, t in members])
+        for i, tensors in members:
+            row = table.iloc[i]
+            if row["frac_equal"] >= 1.0:
+                continue
+            d = size_flips(*tensors, scale=scale)
+            if "error" in d:
+                table.at[i, "reason"] = row["reason"] + f"; margins not usable: {d['error']}"
+                continue
+            if off:  # the scores that decide differ beyond rounding: no flip is a near-tie
+                d["changed"], d["near_tie"] = d["flipped"], 0
+            n = d["tokens"] or 1
+            near, changed = d["near_tie"] / n, d["changed"] / n
+            table.at[i, "flip_near_tie"], table.at[i, "flip_changed"] = near, changed
+            if changed == 0:
+                what = f"all near-ties (margins within {times} the scores' rounding, {scale:.1e})"
+            else:
+                what = f"decision changed for {changed:.1%} of tokens, near-tie for {near:.1%} " + (
+                    f"({off})" if off else f"(margins beyond {times} the scores' rounding, {scale:.1e})")
+            table.at[i, "reason"] = row["reason"] + "; " + what
+            if changed > IDS_FAIL_FRAC:
+                table.at[i, "verdict"] = "fail"
 
 
 def _annotate_flips(table: pd.DataFrame, pairs: list[Pair]) -> None:
@@ -324,6 +383,7 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
         from parity.decisions import decision_kind, decisions_from_alignment
 
         if any(decision_kind(p.ref.key) for p in al.pairs):
+            _size_flips(table, al.pairs, rd, td)
             _annotate_flips(table, al.pairs)
             dec = decisions_from_alignment(al, rd, td)
     if "flip_upstream" not in table:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from runners.engine import faults
+from runners.engine._tap import active as tap_active
 from runners.engine._tap import tap
 from runners.engine.cache import KVCache, LayerCache
 from runners.engine.config import CSA, SLIDING, ModelConfig
@@ -297,14 +298,25 @@ class Router(nn.Module):
         else:
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
+    def _scores(self, logits):
+        if self.scoring == "sqrtsoftplus":
+            return inv.softplus(logits).sqrt()
+        if self.scoring == "sigmoid":
+            return inv.sigmoid(logits)
+        return inv.softmax(logits, dim=-1)
+
+    def margin(self, logits):
+        """Score-routed layers: the k-th largest selection score minus the
+        (k+1)-th per token, the margin the choice was made by; None for hash
+        routing, whose choice is no score's."""
+        if self.is_hash:
+            return None
+        top = (self._scores(logits) + self.e_score_correction_bias).float().topk(self.top_k + 1, dim=-1).values
+        return top[:, -2] - top[:, -1]
+
     def forward(self, x, input_ids):
         logits = inv.linear(x, self.weight)
-        if self.scoring == "sqrtsoftplus":
-            scores = inv.softplus(logits).sqrt()
-        elif self.scoring == "sigmoid":
-            scores = inv.sigmoid(logits)
-        else:
-            scores = inv.softmax(logits, dim=-1)
+        scores = self._scores(logits)
         if self.is_hash:  # which experts is a fixed function of the token id
             ids = self.tid2eid[input_ids].long()
         else:  # the correction bias picks experts but never weighs them
@@ -349,12 +361,14 @@ class MoE(nn.Module):
         self.shared_experts = SharedMLP(cfg)
 
     def forward(self, x, ctx: Ctx):
-        _, w, ids = self.gate(x, ctx.meta.input_ids)
+        logits, w, ids = self.gate(x, ctx.meta.input_ids)
         cu = ctx.meta.cu_seqlens
         # Tapped in ascending expert order, as the contract (and the reference) has them.
         by_id = ids.argsort(dim=-1)
         tap(f"model.layers.{self.layer_idx}.mlp.topk_ids", ids.gather(-1, by_id), cu_seqlens=cu)
         tap(f"model.layers.{self.layer_idx}.mlp.topk_weights", w.gather(-1, by_id), cu_seqlens=cu)
+        if tap_active() and not self.gate.is_hash:  # computed for capture only
+            tap(f"model.layers.{self.layer_idx}.mlp.topk_margin", self.gate.margin(logits), cu_seqlens=cu)
         return self.experts(x, ids, w) + self.shared_experts(x)
 
 
