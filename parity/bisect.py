@@ -252,8 +252,17 @@ def bisect_table(res: CompareResult) -> BisectResult:
     flip = [x for x in keys if decision_kind(x["key"]) in ("ids", "topk") and x["status"] > 0 and isinstance(x["layer"], int)
             and x["layer"] <= L and x["order"] < e["order"]]
     if flip:
-        msg += (f". A discrete decision flipped upstream ({flip[0]['key']}: {flip[0]['reason']}): the divergence may "
-                "be a near-tie amplified by the decision rather than an arithmetic bug")
+        t = res.table
+        changed = t.loc[t["key"] == flip[0]["key"], "flip_changed"].dropna() if "flip_changed" in t else []
+        if len(changed) and float(changed.max()) == 0.0:
+            msg += (f". Near-ties flipped upstream ({flip[0]['key']}: {flip[0]['reason']}): the divergence may be "
+                    "rounding amplified by a discrete decision rather than an arithmetic bug")
+        elif len(changed):
+            msg += (f". A decision changed upstream beyond its margins' rounding ({flip[0]['key']}: "
+                    f"{flip[0]['reason']}): look there first")
+        else:
+            msg += (f". A discrete decision flipped upstream ({flip[0]['key']}: {flip[0]['reason']}); with no margin "
+                    "tap it may be a near-tie amplified by the decision or a changed choice")
     if len(entries) > 1:
         msg += f". Errors also enter at layer(s) {', '.join(map(str, entries[1:]))}"
     return BisectResult(L, e["stage"], e["key"], msg, stages, curve, entries, res, by_profile=level == 1)
