@@ -82,3 +82,20 @@ def test_cli(tmp_path, weights):
     w.close()
     r = CliRunner().invoke(cli, ["weights", "--ref", str(ref), "--target", str(empty)])
     assert r.exit_code == 2 and "no weight records" in r.output
+
+
+def test_one_broken_expert_among_many_is_not_diluted(tmp_path):
+    """256 stacked experts in bf16, one scaled by 1.05: the whole tensor's
+    rel_l2 (0.05 / 16) passes bf16's limits; the expert itself does not."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 32, 16, generator=g).to(torch.bfloat16)
+    bad = w.clone()
+    bad[137] = (bad[137].double() * 1.05).to(torch.bfloat16)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    ref, target = write(tmp_path / "r", [(name, w)]), write(tmp_path / "t", [(name, bad)])
+    row = compare_weights(ref, target).table.iloc[0]
+    assert row["rel_l2"] < 1e-2                       # diluted below bf16's warn limit...
+    assert row["verdict"] == "fail" and row["worst_expert"] == 137, row["reason"]
+    assert row["reason"].startswith("expert 137 of 256:") and row["worst_expert_rel_l2"] > 2e-2
+    same = compare_weights(ref, write(tmp_path / "s", [(name, w.clone())])).table.iloc[0]
+    assert same["verdict"] == "pass"

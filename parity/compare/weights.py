@@ -24,7 +24,7 @@ from parity.errors import ParityError
 _SCALE_SUFFIXES = ("_scale_inv", "_scale", ".scale", ".scales", ".weight_scale_inv", ".weight_scale")
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 COLUMNS = ["key", "layer", "stage", "rank", "shape", "dtype_ref", "dtype_target", "rel_l2", "cos", "max_abs",
-           "frac_equal", "verdict", "reason"]
+           "frac_equal", "worst_expert", "worst_expert_rel_l2", "verdict", "reason"]
 
 
 def _is_scale(name: str) -> bool:
@@ -73,6 +73,24 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, k: int | None = None
         block = _pow2_block(kk, scale.shape[-1])
         return quant.dequantize_fp4_weight(packed, scale, kk, block), f"FP4 per-{block} dequantized"
     return w, None
+
+
+_RANK = {"pass": 0, "warn": 1, "fail": 2}
+
+
+def _stacked_experts(key: str, t: torch.Tensor) -> bool:
+    """Expert weights stored as one tensor, experts along dim 0 ([E, out, in])."""
+    return t.dim() >= 3 and t.shape[0] > 1 and "experts" in key.split(":", 1)[0]
+
+
+def _worst_expert(a: torch.Tensor, b: torch.Tensor) -> tuple[int, dict]:
+    """The expert (dim 0 slice) with the largest rel_l2, and its metrics."""
+    from parity.compare.metrics import pair_metrics
+
+    num = (a.double() - b.double()).flatten(1).norm(dim=1)
+    den = b.double().flatten(1).norm(dim=1).clamp_min(1e-300)
+    e = int((num / den).nan_to_num(nan=float("inf")).argmax())
+    return e, pair_metrics(a[e], b[e])
 
 
 class WeightsResult(TableResult):
@@ -140,7 +158,15 @@ def compare_weights(ref, target, *, mapping=None, preset: str | None = None, fil
             continue
         m = pair_metrics(a, b)
         quantized = _quantized(raw_r) or _quantized(raw_t)
-        v = verdict_for(m, thresholds=THRESHOLDS["float8"] if quantized else None)
+        limits = THRESHOLDS["float8"] if quantized else None
+        v = verdict_for(m, thresholds=limits)
+        if _stacked_experts(p.ref.key, b):
+            e, em = _worst_expert(a, b)
+            row.update(worst_expert=e, worst_expert_rel_l2=em.get("rel_l2"))
+            ev = verdict_for(em, thresholds=limits)
+            if _RANK[ev.status] > _RANK[v.status]:
+                # one broken expert among many is diluted in the whole tensor's rel_l2
+                v = type(ev)(ev.status, f"expert {e} of {b.shape[0]}: {ev.reason}")
         notes = [n for n in (v.reason, note_t and f"target: {note_t}", note_r and f"reference: {note_r}", how,
                              p.note) if n]
         row.update(shape=list(b.shape), rel_l2=m.get("rel_l2"), cos=m.get("cos"), max_abs=m.get("max_abs"),
