@@ -14,7 +14,7 @@ from parity.compare.align import (Alignment, Pair, Piece, ShapeMismatch, ShardRe
 from parity.errors import ParityError
 
 COLUMNS = ["key", "layer", "stage", "phase", "step", "seq", "rank", "shape", "dtype", "rel_l2", "cos", "max_abs",
-           "frac_equal", "verdict", "reason"]
+           "frac_equal", "worst_token", "verdict", "reason"]
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
 
 
@@ -102,6 +102,12 @@ def token_median_error(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """Median over tokens (the first dim) of ||a_t - b_t|| / ||b_t||: an
     error that every token carries moves it, one that a few tokens carry
     (a flipped routing choice, say) does not. None below two dims."""
+    e = per_token_error(a, b)
+    return float(e.nanmedian()) if e is not None and e.numel() else None
+
+
+def per_token_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """||a_t - b_t|| / ||b_t|| per token (the first dim), float64; None below two dims."""
     if a.dim() < 2 or a.shape != b.shape or a.shape[0] == 0 or not a.is_floating_point():
         return None
     n = a.shape[0]
@@ -111,8 +117,19 @@ def token_median_error(a: torch.Tensor, b: torch.Tensor) -> float | None:
     for s in range(0, n, step):
         x, y = a[s:s + step].reshape(-1, per).double(), b[s:s + step].reshape(-1, per).double()
         errs.append((x - y).norm(dim=1) / y.norm(dim=1).clamp_min(1e-300))
-    e = torch.cat(errs)
-    return float(e.nanmedian()) if e.numel() else None
+    return torch.cat(errs)
+
+
+def _where_in_record(a: torch.Tensor, b: torch.Tensor, limit: float) -> tuple[int | None, str]:
+    """For a failing pair: the token with the largest error and how many
+    tokens exceed ``limit``, so that an error a few tokens carry reads apart
+    from one in every token."""
+    e = per_token_error(a, b)
+    if e is None or e.numel() < 2:
+        return None, ""
+    worst = int(e.nan_to_num(nan=float("inf")).argmax())
+    over = int((e.nan_to_num(nan=float("inf")) > limit).sum())
+    return worst, f"{over} of {e.numel()} tokens beyond the limit, worst token {worst} ({float(e[worst]):.1e})"
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -159,7 +176,7 @@ def _flip_verdict(row, frac: float, noise):
 
 def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision, noise=None,
          token_errors: bool = False) -> dict:
-    from parity.compare.verdict import Verdict, floor_verdict, noise_verdict, verdict_for
+    from parity.compare.verdict import Verdict, floor_verdict, noise_verdict, thresholds_for, verdict_for
     from parity.decisions import decision_kind
 
     r, t = pair.ref, pair.target
@@ -219,6 +236,11 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision,
         # (one token's margin of 1e-4 carries a 1e-7 score error as 1e-3):
         # it sizes the flips of its decision and is judged with it
         v = Verdict("pass", "a decision's margin: judged with the decision, not by its own rel_l2")
+    if v.status == "fail" and floats and not m.get("shape_mismatch"):
+        t_lim = thresholds_for(a.dtype, b.dtype, precision=precision).rel_l2_fail
+        row["worst_token"], where = _where_in_record(a, b, t_lim)
+        if where:
+            notes.append(where)
     row["verdict"], row["reason"] = v.status, "; ".join([v.reason] + notes)
     return row
 
@@ -227,7 +249,7 @@ def frame(rows: list[dict], cols: list[str]) -> pd.DataFrame:
     """A DataFrame whose integer columns with gaps stay ints and None
     (pandas would turn them into floats and NaN)."""
     df = pd.DataFrame(rows, columns=cols)
-    for c in ("layer", "step", "seq", "rank", "call", "slot", "tokens"):
+    for c in ("layer", "step", "seq", "rank", "call", "slot", "tokens", "worst_token"):
         if c in df:
             df[c] = pd.Series([r.get(c) for r in rows], dtype=object, index=df.index)
     return df
