@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from parity.outdir import prepare_out
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 INDEX = "index.json"
-FAULT_ENV = "PARITY_ENGINE_FAULT"
 PRESET = "deepseek_v4"
 # Engine records a slot-invariance check must skip: compressor:output.1 holds
 # absolute rows of the paged pool (they depend on which cache blocks a
@@ -152,25 +150,6 @@ def check_fault(name: str | None) -> None:
         raise ParityError(f"unknown fault {name!r} (known: {', '.join(names) or 'none'})")
 
 
-@contextlib.contextmanager
-def _env(**values):
-    """Set (value) or unset (None) environment variables for a block."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = str(v)
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 # ---------------------------------------------------------------- engine runs
 
 
@@ -214,32 +193,32 @@ def _engine_run(ckpt, dump: Path, prompt_ids, *, precision, max_new_tokens, faul
     tokens = max(4096, sum(len(p) for p in prompt_ids))
     # Capture starts after the previous tenants when there are any, so the
     # dump holds the measured run only.
-    with _env(PARITY_DUMP_DIR=None if reuse_slots else str(dump), **{FAULT_ENV: fault or None}):
-        engine = Engine(ckpt, precision=precision, device=device, max_num_seqs=max_num_seqs,
-                        max_model_len=max(longest + 1, 64), max_num_batched_tokens=tokens)
-        if patch_engine is not None:
-            patch_engine(engine)
-        if reuse_slots:
-            _previous_tenants(engine, prompt_ids)
-            engine.capture = capture.install(engine.model, CaptureConfig.from_env().replace(dump_dir=str(dump)),
-                                             run_info=engine.run_info)
-        handle = engine.capture
-        if handle is None or not handle.enabled:
-            raise ParityError(f"engine capture into {dump} could not start (the reason is printed above)")
-        try:
-            if full_logits:
-                _all_prompt_logits(engine)
-            results = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, greedy=True, ignore_eos=True)
-            generated = [list(r.token_ids) for r in results]
-            extra = {"fault": fault, "previous_tenants": bool(reuse_slots)}
-            if record_tokens:
-                # The reference records prompt + new tokens; the compare checks
-                # both runs saw the same sequence.
-                extra.update(token_ids=[p + g for p, g in zip(prompt_ids, generated)],
-                             prompt_lens=[len(p) for p in prompt_ids], generated=generated)
-            handle.set_run_info(**extra)
-        finally:
-            handle.close()
+    cfg = CaptureConfig.from_env().replace(dump_dir=str(dump))
+    engine = Engine(ckpt, precision=precision, device=device, max_num_seqs=max_num_seqs,
+                    max_model_len=max(longest + 1, 64), max_num_batched_tokens=tokens, fault=fault,
+                    capture=None if reuse_slots else cfg)
+    if patch_engine is not None:
+        patch_engine(engine)
+    if reuse_slots:
+        _previous_tenants(engine, prompt_ids)
+        engine.capture = capture.install(engine.model, cfg, run_info=engine.run_info)
+    handle = engine.capture
+    if handle is None or not handle.enabled:
+        raise ParityError(f"engine capture into {dump} could not start (the reason is printed above)")
+    try:
+        if full_logits:
+            _all_prompt_logits(engine)
+        results = engine.generate(prompt_ids, max_new_tokens=max_new_tokens, greedy=True, ignore_eos=True)
+        generated = [list(r.token_ids) for r in results]
+        extra = {"fault": fault, "previous_tenants": bool(reuse_slots)}
+        if record_tokens:
+            # The reference records prompt + new tokens; the compare checks
+            # both runs saw the same sequence.
+            extra.update(token_ids=[p + g for p, g in zip(prompt_ids, generated)],
+                         prompt_lens=[len(p) for p in prompt_ids], generated=generated)
+        handle.set_run_info(**extra)
+    finally:
+        handle.close()
     return generated
 
 
@@ -314,19 +293,18 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
     ref_cfg = _REFERENCE_OF[precision]
     reference = dict(quant_sim=ref_cfg["quant_sim"], activations=ref_cfg["quant_sim"], device=device,
                      force_tokens=generated, stop_at_eos=False)
-    # The fault lives in the engine only; make sure no reference run sees it.
-    with _env(**{FAULT_ENV: None}):
-        with timed("ref"):
-            ref = run_reference(ckpt, prompt_ids, dump=out / "ref", precision=ref_cfg["precision"], **reference)
-        if floor:
-            with timed("floor"):
-                run_reference(ckpt, prompt_ids, dump=out / "floor", precision="fp64", **reference)
-        members = []
-        for k in range(noise):
-            with timed(f"noise-{k}"):
-                run_reference(ckpt, prompt_ids, dump=out / f"noise-{k}", precision=ref_cfg["precision"],
-                              perturb_seed=k, **reference)
-            members.append(f"noise-{k}")
+    # the fault lives in the engine runs only: it is passed to them, never set for the process
+    with timed("ref"):
+        ref = run_reference(ckpt, prompt_ids, dump=out / "ref", precision=ref_cfg["precision"], **reference)
+    if floor:
+        with timed("floor"):
+            run_reference(ckpt, prompt_ids, dump=out / "floor", precision="fp64", **reference)
+    members = []
+    for k in range(noise):
+        with timed(f"noise-{k}"):
+            run_reference(ckpt, prompt_ids, dump=out / f"noise-{k}", precision=ref_cfg["precision"],
+                          perturb_seed=k, **reference)
+        members.append(f"noise-{k}")
     with timed("batched"):
         _engine_run(dump=out / "batched", prompt_ids=[prompt_ids[i] for i in batch], max_num_seqs=len(batch),
                     reuse_slots=True, **run)
@@ -385,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--slots", type=int, help="sequences in the batched run (default: one per prompt)")
     ap.add_argument("--decode-steps", type=int, default=4, help="decode forwards after the prefill (default 4)")
-    ap.add_argument("--fault", help=f"engine fault to inject ({FAULT_ENV})")
+    ap.add_argument("--fault", help="engine fault to inject (docs/bug-zoo.md)")
     ap.add_argument("--floor", action="store_true", help="also write floor/: the reference in fp64")
     ap.add_argument("--noise", type=int, default=0, metavar="K",
                     help="also write noise-0..K-1/: perturbed reference runs, a noise ensemble (default 0)")

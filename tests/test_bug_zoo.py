@@ -321,16 +321,14 @@ def _after_a_previous_request(dump, prompt, tenant, fault, new_tokens):
     from parity import capture
     from parity.config import CaptureConfig
     from runners.engine import Engine
-    from runners.side_by_side import _env
 
-    with _env(PARITY_DUMP_DIR=None, PARITY_ENGINE_FAULT=fault):
-        engine = Engine(CKPT, max_num_seqs=1, max_model_len=128)
-        engine.generate([tenant], max_new_tokens=2, ignore_eos=True)
-        cfg = CaptureConfig.from_env().replace(dump_dir=str(dump))
-        engine.capture = capture.install(engine.model, cfg, run_info={"impl": "engine", "precision": "fp32"})
-        engine.generate([prompt], max_new_tokens=new_tokens, ignore_eos=True)
-        engine.capture.set_run_info(token_ids=[prompt], fault=fault)
-        engine.capture.close()
+    engine = Engine(CKPT, max_num_seqs=1, max_model_len=128, fault=fault, capture=None)
+    engine.generate([tenant], max_new_tokens=2, ignore_eos=True)
+    cfg = CaptureConfig.from_env().replace(dump_dir=str(dump))
+    engine.capture = capture.install(engine.model, cfg, run_info=engine.run_info)
+    engine.generate([prompt], max_new_tokens=new_tokens, ignore_eos=True)
+    engine.capture.set_run_info(token_ids=[prompt], fault=fault)
+    engine.capture.close()
 
 
 @pytest.mark.parametrize("fault", [None, "compressor_state_leak"], ids=["clean", "compressor_state_leak"])

@@ -42,28 +42,39 @@ def _load_tokenizer(ckpt_dir):
     return PreTrainedTokenizerFast.from_pretrained(str(ckpt_dir), local_files_only=True)
 
 
-def _install_capture(model, run_info):
+# "As the environment says": the interface for a process nobody can edit.
+# Code that builds an Engine passes its settings instead.
+FROM_ENV = "env"
+
+
+def _install_capture(model, config, run_info):
+    if config is None:
+        return None
     try:
         from parity import capture
     except Exception:  # capture is optional
         return None
-    return capture.install(model, run_info=run_info)
+    return capture.install(model, None if config == FROM_ENV else config, run_info=run_info)
 
 
 class Engine:
     def __init__(self, ckpt_dir, precision: str = "fp32", device="cpu", max_num_seqs: int = 8,
                  max_model_len: int = 4096, max_num_batched_tokens: int = 4096, prefill_chunk: int | None = None,
-                 block_size: int | None = None, num_blocks: int | None = None, strict: bool = True):
+                 block_size: int | None = None, num_blocks: int | None = None, strict: bool = True,
+                 fault: str | None = FROM_ENV, capture=FROM_ENV):
+        """``fault``: a bug-zoo fault name, None for none, or FROM_ENV
+        (PARITY_ENGINE_FAULT). ``capture``: a parity CaptureConfig, None for
+        no capture, or FROM_ENV (the PARITY_DUMP_* variables)."""
         self.ckpt_dir, self.precision, self.device = str(ckpt_dir), precision, torch.device(device)
         # Read once here, so the hot path pays one set lookup per fault site.
-        faults.load()
+        faults.load(None if fault == FROM_ENV else (fault or ""))
         self.fault = faults.current()
         self.model, self.config, self.load_report = load_model(ckpt_dir, precision, self.device, strict=strict)
         self.cache = CacheManager(self.config, max_num_seqs, max_model_len, dtype=activation_dtype(precision),
                                   device=self.device, block_size=block_size, num_blocks=num_blocks)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefill_chunk)
         self.tokenizer = _load_tokenizer(ckpt_dir)
-        self.capture = _install_capture(self.model, self.run_info)
+        self.capture = _install_capture(self.model, capture, self.run_info)
         self.requests: dict[int, Request] = {}
         self.decode_step = 0
         self.last_meta: metadata.ForwardMeta | None = None
