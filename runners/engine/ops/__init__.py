@@ -28,6 +28,7 @@ OP_NAMES = (
     "compressor_pool",
     "indexer_topk",
     "fused_moe",
+    "fused_moe_quant",
     "linear",
     "fp8_linear",
     "act_quant",

@@ -82,3 +82,32 @@ def fp4_expert(x, e, gate_up, gate_up_scale, down, down_scale, limit, hidden, in
     w2 = lambda: pq.dequantize_fp4_weight(down[pick], down_scale[pick], k=inter, dtype=x.dtype)  # noqa: E731
     h = swiglu(inv.linear_decoded(qdq_act(x), gate_up, w13, index=index, tag=x.dtype), limit)
     return inv.linear_decoded(qdq_act(h), down, w2, index=index, tag=x.dtype)
+
+
+def fp8_expert(x, e, gate_up, gate_up_scale, down, down_scale, limit):
+    """Routed expert e with FP8 128x128 block-scaled weights ([E, ...] codes and scales)."""
+    from runners.engine.ops.torch_ops import swiglu
+
+    index, pick = (e, slice(None)) if inv.enabled(x) else (None, e)
+    w13 = lambda: pq.dequantize_fp8_weight(gate_up[pick], gate_up_scale[pick], dtype=x.dtype)  # noqa: E731
+    w2 = lambda: pq.dequantize_fp8_weight(down[pick], down_scale[pick], dtype=x.dtype)  # noqa: E731
+    h = swiglu(inv.linear_decoded(qdq_act(x), gate_up, w13, index=index, tag=x.dtype), limit)
+    return inv.linear_decoded(qdq_act(h), down, w2, index=index, tag=x.dtype)
+
+
+@register("fused_moe_quant", "torch")
+def fused_moe_quant(x, ids, weights, w13, w13_scale, w2, w2_scale, limit, fmt: str):
+    """``fused_moe`` over quantized experts: fmt "fp4" (e2m1 codes two per byte,
+    [E, N, cdiv(K,32)] UE8M0 scales) or "fp8" (e4m3, [E, cdiv(N,128), cdiv(K,128)]);
+    w13 holds 2I rows of D inputs, w2 D rows of I inputs, as in ``fused_moe``.
+    A kernel backend takes the codes as they are; here each expert is decoded."""
+    from runners.engine.ops.torch_ops import fused_moe
+
+    hidden, inter = x.shape[-1], w13.shape[1] // 2
+    if fmt == "fp4":
+        fn = lambda e, rows: fp4_expert(rows, e, w13, w13_scale, w2, w2_scale, limit, hidden, inter)  # noqa: E731
+    elif fmt == "fp8":
+        fn = lambda e, rows: fp8_expert(rows, e, w13, w13_scale, w2, w2_scale, limit)  # noqa: E731
+    else:
+        raise ValueError(f"quantized experts are fp4 or fp8, got {fmt!r}")
+    return fused_moe(x, ids, weights, w13, w2, limit, fn)

@@ -199,3 +199,60 @@ def hc_sinkhorn(streams, fn, base, scale, iters, eps, norm_eps):
             mix, base.float().contiguous(), scale.float().contiguous(), pre, post, comb, T, iters, eps,
             HC=hc, BLOCK_T=BLOCK_T)
     return pre, post, comb
+
+
+# ---------------------------------------------------------------- FP8 and the routed experts
+# (kernels in triton_fp8.py / triton_moe.py, which import without a GPU for the interpreter)
+
+from runners.engine.ops import quant as _quant  # noqa: E402
+from runners.engine.ops import torch_ops as _torch_ops  # noqa: E402
+from runners.engine.ops import triton_fp8, triton_moe  # noqa: E402
+
+
+@register("act_quant", "triton")
+def act_quant(x):
+    if not x.is_cuda:
+        return _quant.act_quant(x)
+    return triton_fp8.act_quant(x)
+
+
+@register("fp8_linear", "triton")
+def fp8_linear(x, w_q, w_scale):
+    if not x.is_cuda:
+        return _quant.fp8_linear(x, w_q, w_scale)
+    return triton_fp8.fp8_linear(x, w_q, w_scale)
+
+
+@register("fused_moe_quant", "triton")
+def fused_moe_quant(x, ids, weights, w13, w13_scale, w2, w2_scale, limit, fmt):
+    if not x.is_cuda:
+        return _quant.fused_moe_quant(x, ids, weights, w13, w13_scale, w2, w2_scale, limit, fmt)
+    return triton_moe.fused_moe_quant(x, ids, weights, w13, w13_scale, w2, w2_scale, limit, fmt)
+
+
+def _quantized_experts(expert_fn):
+    """(codes, scales, codes, scales, format) behind an ``expert_fn``, or None.
+
+    model.Experts passes its bound ``_fp4_expert`` for FP4 experts; the module
+    it is bound to holds the codes and scales, which the kernel reads as they
+    are instead of calling the function once per expert.
+    """
+    owner = getattr(expert_fn, "__self__", None)
+    s13, s2 = getattr(owner, "gate_up_proj_scale_inv", None), getattr(owner, "down_proj_scale_inv", None)
+    if s13 is None or s2 is None:
+        return None
+    w13, w2 = owner.gate_up_proj, owner.down_proj
+    fmt = {torch.uint8: "fp4", torch.float8_e4m3fn: "fp8"}.get(w13.dtype)
+    return None if fmt is None else (w13, s13, w2, s2, fmt)
+
+
+@register("fused_moe", "triton")
+def fused_moe(x, ids, weights, w13, w2, limit, expert_fn=None):
+    if x.is_cuda:
+        if expert_fn is None:
+            return triton_moe.fused_moe(x, ids, weights, w13, w2, limit)
+        q = _quantized_experts(expert_fn)
+        if q is not None:
+            w13q, s13, w2q, s2, fmt = q
+            return triton_moe.fused_moe_quant(x, ids, weights, w13q, s13, w2q, s2, limit, fmt)
+    return _torch_ops.fused_moe(x, ids, weights, w13, w2, limit, expert_fn)
