@@ -39,7 +39,7 @@ SIZES = {"fp32": [1e-6, 1e-5, 1e-4], "bf16": [1e-2, 3e-2, 1e-1], "fp8": [3e-2, 1
 
 
 def _sets():
-    from parity.cli.demo import BUILTIN_QUESTIONS
+    from runners.demo import BUILTIN_QUESTIONS
 
     rng = random.Random(11)
     return {"tune": [f"Question: {q['question']}\nAnswer:" for q in BUILTIN_QUESTIONS[:2]],

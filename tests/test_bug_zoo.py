@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from parity.cli.demo import BUILTIN_QUESTIONS
+from runners.demo import BUILTIN_QUESTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "tiny-gsm8k"

@@ -63,7 +63,7 @@ def _slot_fault(layer=2, slot=1, size=1e-2):
 
 @needs_ckpt
 def test_demo_finds_a_slot_fault(tmp_path):
-    from parity.cli.demo import run_demo
+    from runners.demo import run_demo
 
     res = run_demo(tmp_path / "report", questions=2, decode_steps=1, progress=False, patch_engine=_slot_fault())
     assert res.exit_code == 1
@@ -90,7 +90,7 @@ def test_demo_finds_a_fault_of_the_zoo(tmp_path):
 
 def test_a_fault_runs_at_a_precision_where_it_acts():
     pytest.importorskip("runners.engine.faults")
-    from parity.cli.demo import choose_precision
+    from runners.demo import choose_precision
     from parity.errors import ParityError
 
     assert choose_precision(None, None) == "fp32"
@@ -115,7 +115,7 @@ def test_bad_options_are_bad_input(tmp_path):
 
 
 def test_force_replaces_only_the_demo_files(tmp_path):
-    from parity.cli.demo import prepare_out
+    from runners.demo import prepare_out
 
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "old.png").write_bytes(b"x")
@@ -127,7 +127,7 @@ def test_force_replaces_only_the_demo_files(tmp_path):
 
 def test_builtin_questions_when_gsm8k_is_missing(tmp_path, monkeypatch):
     import parity.gate.task as task
-    from parity.cli.demo import demo_prompts
+    from runners.demo import demo_prompts
 
     monkeypatch.setattr(task, "default_data_path", lambda: tmp_path / "missing.jsonl")
     prompts, source = demo_prompts(3, None)
@@ -136,7 +136,7 @@ def test_builtin_questions_when_gsm8k_is_missing(tmp_path, monkeypatch):
 
 
 def test_synthesizes_the_tiny_preset_when_the_checkpoint_is_missing(tmp_path, monkeypatch):
-    import parity.cli.demo as demo
+    import runners.demo as demo
 
     monkeypatch.setattr(demo, "_repo_root", lambda: tmp_path / "repo")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -24,8 +24,10 @@ _COMMAND_MODULES = [
     "parity.cli.dumps",     # inspect, schema, env
     "parity.cli.compare",   # ref-vs-target, layer-bisect, slot-invariance, weights, topk
     "parity.cli.gate",      # gate gsm8k, gate diff
-    "parity.cli.demo",      # demo
 ]
+# Commands an installed engine brings (e.g. this repository's `demo`): click
+# commands declared under this entry point group in the engine's package.
+COMMANDS_GROUP = "parity.commands"
 
 
 # Packages only some commands need, and the extra that installs them.
@@ -83,6 +85,31 @@ def cli():
 
 for _name in _COMMAND_MODULES:
     importlib.import_module(_name)
+
+
+def _plugins() -> None:
+    """Add the commands installed packages declare. One that fails to load
+    is named on stderr and left out: it must not take the others down."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=COMMANDS_GROUP):
+        if ep.name in cli.commands:
+            click.echo(f"parity: warning: {ep.value} declares command {ep.name!r}, which parity has; ignored",
+                       err=True)
+            continue
+        try:
+            cmd = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, not raised
+            click.echo(f"parity: warning: command {ep.name!r} ({ep.value}) could not load: "
+                       f"{type(exc).__name__}: {exc}", err=True)
+            continue
+        if not isinstance(cmd, click.Command):
+            click.echo(f"parity: warning: {ep.value} is not a click command; ignored", err=True)
+            continue
+        cli.add_command(cmd, ep.name)
+
+
+_plugins()
 
 
 def main(argv=None):

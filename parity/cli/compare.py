@@ -20,9 +20,15 @@ _TABLE_COLS = ["key", "phase", "step", "seq", "rank", "shape", "rel_l2", "cos", 
                "verdict", "reason"]
 
 
+def _preset_help(what: str) -> str:
+    from parity.compare.mapping import presets
+
+    return f"{what} One of: {', '.join(presets())}."
+
+
 def _pair_options(fn):
     fn = click.option("--preset", metavar="NAME", default=None,
-                      help="Mapping preset (parity/compare/presets/NAME.yaml) for the canonical keys.")(fn)
+                      help=_preset_help("Mapping preset for the canonical keys."))(fn)
     fn = click.option("--map", "map_file", metavar="FILE", default=None,
                       help="Mapping rules file (.yaml/.toml) that rewrites keys of both dumps to canonical keys.")(fn)
     fn = click.option("--target", "target", metavar="DIR", required=True, help="Target (engine) dump.")(fn)
@@ -234,7 +240,7 @@ def summary_diff_cmd(ref, target, map_file, preset, fmt, out, force, filter_, al
               help="Rounding mode: a member of a noise ensemble of --noise-ref (repeat it); each pair is judged "
                    "against its record's envelope instead of the precision's fixed limits.")
 @click.option("--preset", metavar="NAME", default=None,
-              help="Mapping preset that takes this run's keys onto the noise ensemble's.")
+              help=_preset_help("Mapping preset that takes this run's keys onto the noise ensemble's."))
 @click.option("--map", "map_file", metavar="FILE", default=None,
               help="Mapping rules file that takes this run's keys onto the noise ensemble's.")
 @output_options

@@ -18,7 +18,8 @@ TOML::
     match = '^model\\.layers\\.(\\d+)\\.self_attn'
     replace = 'L\\1.attn'
 
-Named presets live in ``parity/compare/presets/<name>.yaml``.
+Named presets live in ``parity/compare/presets/<name>.yaml``, or come from
+installed packages through the ``parity.presets`` entry point group.
 """
 
 from __future__ import annotations
@@ -155,8 +156,34 @@ def mapping_from_file(path: str | os.PathLike) -> Mapping:
     return Mapping(rules, name=str(path))
 
 
+# Presets installed packages declare: name -> a path (or str) to a rules
+# file, e.g. an engine's mapping onto its reference.
+PRESETS_GROUP = "parity.presets"
+
+
+def _declared() -> dict[str, object]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=PRESETS_GROUP)}
+
+
 def presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Every preset name: parity's own and those installed packages declare."""
+    return sorted({p.stem for p in PRESET_DIR.glob("*.yaml")} | set(_declared()))
+
+
+def _preset_file(name: str) -> Path | None:
+    own = PRESET_DIR / f"{name}.yaml"
+    if own.is_file():
+        return own
+    ep = _declared().get(name)
+    if ep is None:
+        return None
+    try:
+        return Path(ep.load())
+    except Exception as exc:  # noqa: BLE001 - the declaring package is broken, not the user's input
+        raise ParityError(f"mapping preset {name!r} ({ep.value}) could not load: {type(exc).__name__}: {exc}") \
+            from None
 
 
 def load_mapping(path_or_preset: str | os.PathLike | None) -> Mapping:
@@ -169,8 +196,8 @@ def load_mapping(path_or_preset: str | os.PathLike | None) -> Mapping:
         (".yaml", ".yml", ".toml"))
     if looks_like_path or os.path.exists(arg):
         return mapping_from_file(arg)
-    preset = PRESET_DIR / f"{arg}.yaml"
-    if not preset.is_file():
+    preset = _preset_file(arg)
+    if preset is None or not preset.is_file():
         raise ParityError(f"unknown mapping preset {arg!r} (available: {', '.join(presets())}; "
                           "or give a path to a .yaml/.toml rules file)")
     m = mapping_from_file(preset)

@@ -5,13 +5,13 @@ then ref-vs-target, layer-bisect and slot-invariance on their dumps, and
 writes a report folder (summary.md, summary.json, tables, PNG plots, and the
 dumps themselves so every command can be re-run by hand).
 
-runners/ and reference_models/ are imported by name when the demo runs:
-parity itself stays engine-agnostic and imports neither.
+The command belongs to this repository's engine, not to parity: it plugs
+into the ``parity`` command line through the ``parity.commands`` entry point
+(pyproject.toml), as any engine's own commands can.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import click
 
-from parity.cli import cli
 from parity.errors import ParityError
 from parity.outdir import prepare_out as _prepare_out
 
@@ -57,14 +56,8 @@ BUILTIN_QUESTIONS = [
 # ---------------------------------------------------------------- inputs
 
 
-def _outside(module: str):
-    """A module of runners/ or reference_models/, imported at call time by
-    name: parity itself imports neither (tests/test_no_pickle.py checks)."""
-    return importlib.import_module(module)
-
-
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[1]
 
 
 def _cache_dir() -> Path:
@@ -86,7 +79,9 @@ def resolve_checkpoint(ckpt: str | None, say=lambda msg: None) -> Path:
     synth = _cache_dir() / "tiny-seed0"
     if not (synth / "config.json").is_file():
         say(f"{committed} is missing; synthesizing the tiny preset (seed 0) into {synth}")
-        _outside("reference_models.synth").synthesize("tiny", seed=0, out=synth, force=True)
+        from reference_models.synth import synthesize
+
+        synthesize("tiny", seed=0, out=synth, force=True)
     return synth
 
 
@@ -115,7 +110,8 @@ def choose_precision(fault: str | None, precision: str | None) -> str:
     input: the demo would report a clean engine with the fault "on"."""
     if not fault:
         return precision or "fp32"
-    sbs = _outside("runners.side_by_side")
+    import runners.side_by_side as sbs
+
     names = sbs.known_faults()
     if names is None:
         raise ParityError("this engine has no fault zoo (runners/engine/faults.py): --fault cannot inject anything")
@@ -234,7 +230,7 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
     prompts, source = demo_prompts(questions, data)
     say = lambda msg: click.echo(f"parity demo: {msg}", err=True)
     ckpt = resolve_checkpoint(ckpt, say)
-    sbs = _outside("runners.side_by_side")
+    import runners.side_by_side as sbs
 
     if floor is None:
         floor = precision != "fp32" and noise == 0
@@ -299,7 +295,9 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
 
 def _decode(ckpt, ids) -> str:
     try:
-        return _outside("reference_models.load").load_tokenizer(ckpt).decode(ids)
+        from reference_models.load import load_tokenizer
+
+        return load_tokenizer(ckpt).decode(ids)
     except Exception:  # noqa: BLE001 - text is decoration; the ids are in index.json
         return ""
 
@@ -398,7 +396,9 @@ class _FaultOption(click.Option):
 
     def get_help_record(self, ctx):
         try:
-            names = _outside("runners.side_by_side").known_faults()
+            from runners.side_by_side import known_faults
+
+            names = known_faults()
         except Exception:  # noqa: BLE001 - the help must show even without the runners
             names = None
         if names:
@@ -406,7 +406,7 @@ class _FaultOption(click.Option):
         return super().get_help_record(ctx)
 
 
-@cli.command("demo")
+@click.command("demo")
 @click.option("--out", default=DEFAULT_OUT, show_default=True, metavar="DIR",
               help="Report folder (summary.md, plots, dumps). Refused when not empty, unless --force.")
 @click.option("--force", is_flag=True, help="Replace a previous demo's files in --out.")
