@@ -253,10 +253,10 @@ def compare_decisions(ref, target, *, mapping=None, preset: str | None = None, f
 
     rd, td = as_dump(ref), as_dump(target)
     if mapping is None or isinstance(mapping, str):
-        mapping = resolve_mapping(mapping, preset)
+        mapping = resolve_mapping(mapping, preset, dumps=(rd, td))
     pat = re.compile(filter) if isinstance(filter, str) else filter
     keep = lambda k: decision_kind(k) is not None and (pat is None or pat.search(k) is not None)
-    al = align(cut_dump(rd, mapping, keep=keep), cut_dump(td, mapping, keep=keep))
+    al = align(cut_dump(rd, mapping, keep=keep, side="ref"), cut_dump(td, mapping, keep=keep, side="target"))
     res = decisions_from_alignment(al, rd, td)
     if not al.pairs:
         res.notes.append("no decision taps (indexer.topk, topk_ids, topk_weights) found on both sides")

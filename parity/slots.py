@@ -304,7 +304,7 @@ def _judge(mode: Mode, dumps: list[Dump], precision, noise, mapping, preset) -> 
         from parity.compare.align import resolve_mapping
 
         m = mapping if mapping is not None and not isinstance(mapping, str) else resolve_mapping(mapping, preset)
-        canonical = m.canonical
+        canonical = lambda key: m.canonical(key, "target")  # the ensemble is of the reference
     return SlotJudge(mode, precision if precision is not None else run_precision(*dumps), noise, canonical)
 
 

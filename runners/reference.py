@@ -221,7 +221,7 @@ def run_reference(
         perturb_rate = DEFAULT_RATE
     info = {"impl": "reference", "model": str(ckpt), "precision": precision, "quant_sim": bool(quant_sim),
             "quant_sim_activations": bool(activations), "rounding": rounding, "perturb_seed": perturb_seed,
-            "perturb_rate": perturb_rate}
+            "perturb_rate": perturb_rate, "mapping_preset": "deepseek_v4"}
     with contextlib.ExitStack() as outer:  # the perturbation's hooks go on every way out
         if perturb_seed is not None:
             # before capture's hooks, so that the records are the perturbed outputs

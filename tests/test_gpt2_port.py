@@ -58,3 +58,22 @@ def test_the_cli_with_the_rules_file(runs):
     assert r.exit_code == 1 and "error enters at layer 0, stage mlp.act:output" in r.output, r.output
     r = CliRunner().invoke(cli, ["ref-vs-target", "--ref", runs["ref"], "--target", runs["port"], "--map", str(MAPPING)])
     assert r.exit_code == 0, r.output
+
+
+def test_one_rules_file_per_side(runs, tmp_path):
+    """--map-ref / --map-target: each side's rules in a file of its own."""
+    import yaml
+
+    data = yaml.safe_load(MAPPING.read_text())
+    for side in ("ref", "target"):
+        (tmp_path / f"{side}.yaml").write_text(yaml.safe_dump({"rules": data[side] + data["rules"]}))
+    r = CliRunner().invoke(cli, ["layer-bisect", "--ref", runs["ref"], "--target", runs["gelu"],
+                                 "--map-ref", str(tmp_path / "ref.yaml"), "--map-target", str(tmp_path / "target.yaml")])
+    assert r.exit_code == 1 and "error enters at layer 0, stage mlp.act:output" in r.output, r.output
+    # the port's rules do not touch the reference: its keys stay its own
+    from parity.compare.mapping import mapping_from_file
+
+    m = mapping_from_file(MAPPING)
+    assert m.canonical("blocks.0.ffn.gelu:output", "target") == "transformer.h.0.mlp.act:output"
+    assert m.canonical("blocks.0.ffn.gelu:output", "ref") == "blocks.0.ffn.gelu:output"
+    assert m.canonical("transformer.h.0.attn.attn_dropout:output", "ref") is None

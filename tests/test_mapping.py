@@ -93,7 +93,7 @@ def test_missing_file_unknown_preset_and_bad_syntax(tmp_path):
         load_mapping(_write(tmp_path, "rules: [\n"))
     with pytest.raises(ParityError, match="invalid TOML"):
         load_mapping(_write(tmp_path, "[[rules]\n", "r.toml"))
-    with pytest.raises(ParityError, match="top-level 'rules' list"):
+    with pytest.raises(ParityError, match="'rules' must be a list of rules|expected a table"):
         load_mapping(_write(tmp_path, "rules: {match: a}\n"))
     assert load_mapping(_write(tmp_path, "")).rules == []
 
@@ -114,3 +114,24 @@ def test_mapping_constructed_in_code():
     from parity.compare.mapping import Rule
     m = Mapping([Rule(re.compile("x"), stop=True), Rule(re.compile("x"), "y")], name="code")
     assert m.canonical("x") == "x" and repr(m) == "Mapping('code', 2 rules)"
+
+
+def test_sections_per_side_and_unknown_sections(tmp_path):
+    m = load_mapping(_write(tmp_path, "ref:\n  - {match: '^a:', replace: 'x:'}\ntarget:\n  - {match: '^b:', replace: 'x:'}\n"
+                                      "rules:\n  - {match: 'drop', drop: true}\n"))
+    assert m.canonical("a:output", "ref") == "x:output" and m.canonical("b:output", "target") == "x:output"
+    assert m.canonical("a:output", "target") == "a:output" and m.canonical("drop:output", "ref") is None
+    with pytest.raises(ParityError, match="unknown section"):
+        load_mapping(_write(tmp_path, "refs:\n  - {match: a}\n"))
+
+
+def test_a_run_declares_its_preset(tmp_path):
+    from types import SimpleNamespace
+
+    from parity.compare.align import declared_preset, resolve_mapping
+
+    a, b = SimpleNamespace(run={"mapping_preset": "identity"}), SimpleNamespace(run={})
+    assert declared_preset([a, b]) == "identity" and resolve_mapping(dumps=[a, b]).name == "identity"
+    assert declared_preset([b]) is None
+    with pytest.raises(ParityError, match="different mapping presets"):
+        declared_preset([a, SimpleNamespace(run={"mapping_preset": "deepseek_v4"})])

@@ -26,11 +26,39 @@ def _preset_help(what: str) -> str:
     return f"{what} One of: {', '.join(presets())}."
 
 
+def _sided(fn):
+    """--map-ref / --map-target folded into the mapping the command passes
+    on (as a Mapping; without them, --map / --preset pass through as given)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, map_ref=None, map_target=None, **kw):
+        if map_ref or map_target:
+            from parity.compare.align import resolve_mapping
+            from parity.store.reader import open_dump
+
+            dumps = () if kw.get("map_file") or kw.get("preset") else (
+                open_dump(kw["ref"], verify=False), open_dump(kw["target"], verify=False))
+            kw["map_file"] = resolve_mapping(kw.get("map_file"), kw.get("preset"), map_ref=map_ref,
+                                             map_target=map_target, dumps=dumps)
+            kw["preset"] = None
+        return fn(*args, **kw)
+
+    return run
+
+
 def _pair_options(fn):
+    fn = _sided(fn)
+    fn = click.option("--map-target", metavar="FILE", default=None,
+                      help="Rules for the target's keys only, applied before the shared ones.")(fn)
+    fn = click.option("--map-ref", metavar="FILE", default=None,
+                      help="Rules for the reference's keys only, applied before the shared ones.")(fn)
     fn = click.option("--preset", metavar="NAME", default=None,
-                      help=_preset_help("Mapping preset for the canonical keys."))(fn)
+                      help=_preset_help("Mapping preset for the canonical keys (default: the one the runs "
+                                        "declare in run.json, else none)."))(fn)
     fn = click.option("--map", "map_file", metavar="FILE", default=None,
-                      help="Mapping rules file (.yaml/.toml) that rewrites keys of both dumps to canonical keys.")(fn)
+                      help="Mapping rules file (.yaml/.toml) that rewrites keys to canonical keys: 'rules' for "
+                           "both dumps, 'ref' and 'target' sections for one each.")(fn)
     fn = click.option("--target", "target", metavar="DIR", required=True, help="Target (engine) dump.")(fn)
     fn = click.option("--ref", "ref", metavar="DIR", required=True, help="Reference dump.")(fn)
     return fn

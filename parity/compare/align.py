@@ -26,13 +26,34 @@ _PHASE_ORDER = {None: 0, "prefill": 1, "decode": 2}
 _LAYER_PREFIX = re.compile(r"^(?:.*?(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)|L(\d+))(?=$|[.:])")
 
 
-def resolve_mapping(map_file: str | None = None, preset: str | None = None):
-    """The Mapping of ``--map FILE`` or ``--preset NAME``; identity without either."""
-    from parity.compare.mapping import load_mapping, mapping_from_file
+def resolve_mapping(map_file: str | None = None, preset: str | None = None, *, map_ref: str | None = None,
+                    map_target: str | None = None, dumps=()):
+    """The Mapping of ``--map FILE`` or ``--preset NAME``, plus the rules of
+    ``--map-ref`` / ``--map-target`` for one side each. With neither --map
+    nor --preset, the preset the runs declare (run.json ``mapping_preset``)
+    applies when ``dumps`` agree on one; else identity."""
+    from parity.compare.mapping import load_mapping, mapping_from_file, side_rules
 
     if map_file and preset:
         raise ParityError("give --map or --preset, not both")
-    return mapping_from_file(map_file) if map_file else load_mapping(preset)
+    if not map_file and not preset:
+        preset = declared_preset(dumps)
+    m = mapping_from_file(map_file) if map_file else load_mapping(preset)
+    for side, path in (("ref", map_ref), ("target", map_target)):
+        if path:
+            m = m.with_side(side, side_rules(path, side), name=f"{m.name} + {side} rules {path}")
+    return m
+
+
+def declared_preset(dumps) -> str | None:
+    """The mapping preset the runs name in run.json (``mapping_preset``): the
+    one they agree on; None when none names one. Runs that name different
+    ones are bad input: the user must choose."""
+    names = {d.run.get("mapping_preset") for d in dumps if isinstance(getattr(d, "run", None), dict)} - {None}
+    if len(names) > 1:
+        raise ParityError(f"the runs declare different mapping presets ({', '.join(sorted(map(str, names)))}); "
+                          "give --preset or --map")
+    return names.pop() if names else None
 
 
 def as_dump(d) -> Dump:
@@ -160,16 +181,17 @@ class Side:
     notes: list[str] = field(default_factory=list)
 
 
-def cut_dump(dump: Dump, mapping=None, *, keep=None, stages=None) -> Side:
-    """Pieces of every record of ``dump``. ``keep(canonical_key) -> bool`` and
+def cut_dump(dump: Dump, mapping=None, *, keep=None, stages=None, side: str | None = None) -> Side:
+    """Pieces of every record of ``dump``, as ``side`` ("ref" or "target": the
+    mapping's rules for it apply too). ``keep(canonical_key) -> bool`` and
     ``stages`` (a set of record stages) select records before any tensor is read."""
     mapping = mapping if mapping is not None else resolve_mapping()
-    side = Side(dump)
+    side_name, side = side, Side(dump)
     groups: dict[tuple, list[Record]] = defaultdict(list)
     for rec in dump.records():
         if rec.kind != "tensor" or (stages is not None and rec.stage not in stages):
             continue
-        key = mapping.canonical(rec.key)
+        key = mapping.canonical(rec.key, side_name)
         if key is None:
             side.unmapped += 1
             continue

@@ -357,7 +357,7 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
     rd, td = as_dump(ref), as_dump(target)
     fd = as_dump(floor) if floor is not None else None
     if mapping is None or isinstance(mapping, str):
-        mapping = resolve_mapping(mapping, preset)
+        mapping = resolve_mapping(mapping, preset, dumps=(rd, td))
     notes = []
     if check_tokens:
         n = check_token_ids(rd, td)
@@ -365,7 +365,7 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
             notes.append(n)
     pat = re.compile(filter) if isinstance(filter, str) else filter
     keep = (lambda k: pat.search(k) is not None) if pat is not None else None
-    rs, ts = cut_dump(rd, mapping, keep=keep), cut_dump(td, mapping, keep=keep)
+    rs, ts = cut_dump(rd, mapping, keep=keep, side="ref"), cut_dump(td, mapping, keep=keep, side="target")
     for side, name in ((rs, "reference"), (ts, "target")):
         if not side.pieces:
             what = f"--filter {pat.pattern!r} matches no tensor record" if pat else "no tensor records"
@@ -382,7 +382,7 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
                           "give --map FILE or --preset NAME")
     floor_idx = {}
     if fd is not None:
-        for p in cut_dump(fd, mapping, keep=keep).pieces:
+        for p in cut_dump(fd, mapping, keep=keep, side="ref").pieces:
             floor_idx.setdefault(p.match, []).append(p)
     precision = run_precision(rd, td)
     rows = []
@@ -423,10 +423,10 @@ def missing_decisions(ref, target, *, mapping=None, preset: str | None = None, f
 
     rd, td = as_dump(ref), as_dump(target)
     if mapping is None or isinstance(mapping, str):
-        mapping = resolve_mapping(mapping, preset)
+        mapping = resolve_mapping(mapping, preset, dumps=(rd, td))
     pat = re.compile(filter) if isinstance(filter, str) else filter
     keep = lambda k: decision_kind(k) is not None and (pat is None or pat.search(k) is not None)
-    al = align(cut_dump(rd, mapping, keep=keep), cut_dump(td, mapping, keep=keep))
+    al = align(cut_dump(rd, mapping, keep=keep, side="ref"), cut_dump(td, mapping, keep=keep, side="target"))
     if not al.only_ref:
         return None
     return missing_message(len(al.only_ref), len({p.key for p in al.only_ref}))

@@ -46,18 +46,39 @@ class Rule:
     drop: bool = False
 
 
+SIDES = ("ref", "target")
+
+
 class Mapping:
-    def __init__(self, rules: Iterable[Rule] = (), name: str = "identity"):
+    """Ordered rules that rewrite record keys to canonical keys. ``sides``
+    holds rules for one side only ("ref", "target"), applied before the
+    shared ``rules``: names only one implementation uses are settled there."""
+
+    def __init__(self, rules: Iterable[Rule] = (), name: str = "identity", sides: dict | None = None):
         self.rules = list(rules)
         self.name = name
+        self.sides = {k: list(v) for k, v in (sides or {}).items() if v}
 
     def __repr__(self) -> str:
-        return f"Mapping({self.name!r}, {len(self.rules)} rules)"
+        extra = "".join(f", {len(v)} {k} rules" for k, v in self.sides.items())
+        return f"Mapping({self.name!r}, {len(self.rules)} rules{extra})"
 
-    def canonical(self, key: str) -> str | None:
-        """The canonical key of a record key, or None when a rule drops it."""
+    def with_side(self, side: str, rules: Iterable[Rule], name: str | None = None) -> "Mapping":
+        """A copy with ``rules`` added for ``side`` (after that side's own)."""
+        sides = dict(self.sides)
+        sides[side] = sides.get(side, []) + list(rules)
+        return Mapping(self.rules, name or self.name, sides)
+
+    def ref_on_both_sides(self) -> "Mapping":
+        """For two runs of the reference (a noise ensemble's members)."""
+        ref = self.sides.get("ref", [])
+        return Mapping(self.rules, self.name, {"ref": ref, "target": ref})
+
+    def canonical(self, key: str, side: str | None = None) -> str | None:
+        """The canonical key of a record key of ``side`` (None: shared rules
+        only), or None when a rule drops it."""
         s = key
-        for r in self.rules:
+        for r in (self.sides.get(side, []) if side else []) + self.rules:
             if not r.pattern.search(s):
                 continue
             if r.drop:
@@ -68,13 +89,13 @@ class Mapping:
                 break
         return s
 
-    def map_keys(self, keys: Iterable[str]) -> dict[str, str]:
+    def map_keys(self, keys: Iterable[str], side: str | None = None) -> dict[str, str]:
         """{canonical: original} for the keys that are not dropped. Two keys
         of one dump meeting on one canonical key would pair the wrong
         tensors, so that raises."""
         out: dict[str, str] = {}
         for k in keys:
-            c = self.canonical(k)
+            c = self.canonical(k, side)
             if c is None:
                 continue
             if c in out and out[c] != k:
@@ -143,8 +164,14 @@ def _read(path: Path) -> dict:
             raise ParityError(f"{path}: invalid YAML: {e}") from None
     if data is None:
         data = {}
-    if not isinstance(data, dict) or not isinstance(data.get("rules", []), list):
-        raise ParityError(f"{path}: expected a top-level 'rules' list")
+    if not isinstance(data, dict):
+        raise ParityError(f"{path}: expected a table with 'rules' (both sides), 'ref' and/or 'target' lists")
+    unknown = set(data) - {"rules", *SIDES}
+    if unknown:
+        raise ParityError(f"{path}: unknown section(s) {sorted(unknown)} (allowed: rules, ref, target)")
+    for k in ("rules", *SIDES):
+        if not isinstance(data.get(k, []), list):
+            raise ParityError(f"{path}: '{k}' must be a list of rules")
     return data
 
 
@@ -152,8 +179,17 @@ def mapping_from_file(path: str | os.PathLike) -> Mapping:
     path = Path(path)
     if not path.is_file():
         raise ParityError(f"mapping file not found: {path}")
-    rules = [_rule(r, f"{path}: rule {i}") for i, r in enumerate(_read(path).get("rules") or [], 1)]
-    return Mapping(rules, name=str(path))
+    data = _read(path)
+    rules = [_rule(r, f"{path}: rule {i}") for i, r in enumerate(data.get("rules") or [], 1)]
+    sides = {k: [_rule(r, f"{path}: {k} rule {i}") for i, r in enumerate(data.get(k) or [], 1)] for k in SIDES}
+    return Mapping(rules, name=str(path), sides=sides)
+
+
+def side_rules(path: str | os.PathLike, side: str) -> list[Rule]:
+    """Every rule of a rules file, for one side (``--map-ref`` / ``--map-target``):
+    its shared rules and its section for that side."""
+    m = mapping_from_file(path)
+    return m.sides.get(side, []) + m.rules
 
 
 # Presets installed packages declare: name -> a path (or str) to a rules

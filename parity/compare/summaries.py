@@ -77,14 +77,14 @@ def summary_diff(ref, target, *, mapping=None, preset: str | None = None, filter
     seq_ids, rank) and judge each pair by its summaries."""
     rd, td = as_dump(ref), as_dump(target)
     if mapping is None or isinstance(mapping, str):
-        mapping = resolve_mapping(mapping, preset)
+        mapping = resolve_mapping(mapping, preset, dumps=(rd, td))
     pat = re.compile(filter) if isinstance(filter, str) else filter
     notes: list[str] = []
     sides = []
-    for dump, name in ((rd, "reference"), (td, "target")):
+    for dump, name, side in ((rd, "reference", "ref"), (td, "target", "target")):
         index, dup = {}, 0
         for rec in dump.records():
-            key = mapping.canonical(rec.key)
+            key = mapping.canonical(rec.key, side)
             if key is None or not rec.stats or (pat is not None and not pat.search(key)):
                 continue
             k = (key, rec.phase, rec.step, rec.call, tuple(rec.seq_ids or ()), rec.rank)
@@ -105,6 +105,17 @@ def summary_diff(ref, target, *, mapping=None, preset: str | None = None, filter
     precision = run_precision(rd, td)
     rows = [_row(k, ri[k], ti[k], precision) for k in ri if k in ti]
     if not rows:
+        common = {k[0] for k in ri} & {k[0] for k in ti}
+        if common:
+            # same names, other batches: a summary covers a whole record, so
+            # records of differently batched runs cannot meet
+            key = sorted(common)[0]
+            a = next(k for k in ri if k[0] == key)
+            b = next(k for k in ti if k[0] == key)
+            raise ParityError(f"the records share names but not batches (e.g. {key}: reference {a[1]} step {a[2]} "
+                              f"sequences {list(a[4])}, target {b[1]} step {b[2]} sequences {list(b[4])}); a summary "
+                              "covers a whole record, so summary-diff needs runs that batch the same sequences "
+                              "together: compare the tensors with ref-vs-target instead")
         a, b = next(iter(ri))[0], next(iter(ti))[0]
         raise ParityError("no record of the reference meets one of the target: the names differ "
                           f"(e.g. reference {a!r}, target {b!r}); give --map FILE or --preset NAME")

@@ -125,17 +125,17 @@ def compare_weights(ref, target, *, mapping=None, preset: str | None = None, fil
 
     rd, td = as_dump(ref), as_dump(target)
     if mapping is None or isinstance(mapping, str):
-        mapping = resolve_mapping(mapping, preset)
+        mapping = resolve_mapping(mapping, preset, dumps=(rd, td))
     pat = re.compile(filter) if isinstance(filter, str) else filter
     sides, scales = [], []
-    for d in (rd, td):
+    for d, side in ((rd, "ref"), (td, "target")):
         recs = [r for r in d.records() if r.stage == "weight" and r.kind == "tensor"]
         if not recs:
             raise ParityError(f"{d.path} holds no weight records (stage 'weight'): write them with "
                               "parity.capture.dump_weights or PARITY_WEIGHT_DUMP_DIR")
         scales.append({(r.rank, r.module): r for r in recs if _is_scale(r.module)})
         keep = lambda k: not _is_scale(k.split(":", 1)[0]) and (pat is None or pat.search(k) is not None)
-        sides.append(cut_dump(d, mapping, keep=keep, stages={"weight"}))
+        sides.append(cut_dump(d, mapping, keep=keep, stages={"weight"}, side=side))
     if pat is not None and not (sides[0].pieces or sides[1].pieces):
         raise ParityError(f"--filter {pat.pattern!r} matches no weight of {rd.given} or {td.given}")
     al = align(*sides)

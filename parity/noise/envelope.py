@@ -52,15 +52,21 @@ def noise_model(ref, members, *, mapping=None, preset: str | None = None, filter
     """Read each member dump against ``ref`` (as ref-vs-target would, with the
     same mapping) into a NoiseModel. Members must be runs of the reference on
     the same tokens."""
+    from parity.compare.align import as_dump, resolve_mapping
     from parity.compare.api import compare_dumps, row_key
 
     members = [str(m) for m in members]
     if not members:
         raise ParityError("a noise model needs at least one ensemble member")
+    ref = as_dump(ref)
+    if mapping is None or isinstance(mapping, str):
+        mapping = resolve_mapping(mapping, preset, dumps=(ref,))
+    # members are runs of the reference: its side's rules apply to both
+    mapping = mapping.ref_on_both_sides()
     rel, flips, token = {}, {}, {}
     for m in members:
-        res = compare_dumps(ref, m, mapping=mapping, preset=preset, filter=filter, decisions=False,
-                            check_tokens=check_tokens, token_errors=True)
+        res = compare_dumps(ref, m, mapping=mapping, filter=filter, decisions=False, check_tokens=check_tokens,
+                            token_errors=True)
         t = res.table
         if len(res.only_ref):
             raise ParityError(f"noise member {m}: {len(res.only_ref)} records of the reference are missing; "
