@@ -141,16 +141,32 @@ def _nbytes(rec) -> int:
     return n * size
 
 
-def _signature(dump) -> dict:
-    """(key, phase, step, call, rank) -> (shape, dtype)."""
-    return {(r.key, r.phase, r.step, r.call, r.rank): (tuple(r.shape), r.dtype) for r in dump.records()}
+def _signature(dump, mapping=None, side=None) -> tuple[dict, dict]:
+    """(canonical key, phase, step, call, rank) -> (shape, dtype), and -> the
+    record's own key; records the mapping drops are left out."""
+    sig, orig = {}, {}
+    for r in dump.records():
+        key = mapping.canonical(r.key, side) if mapping is not None else r.key
+        if key is None:
+            continue
+        k = (key, r.phase, r.step, r.call, r.rank)
+        sig[k], orig[k] = (tuple(r.shape), r.dtype), r.key
+    return sig, orig
 
 
-def schema_diff(a, b, pattern=None) -> pd.DataFrame:
+def schema_diff(a, b, pattern=None, *, mapping=None, preset: str | None = None) -> pd.DataFrame:
     """Rows for records only in A, only in B, and common records whose shape
-    or dtype differ. Empty frame = same schema. A and B: dump dirs or Dumps."""
+    or dtype differ, after the mapping (``mapping``: a rules file or Mapping;
+    ``preset``; default: the preset the runs declare, else identity) takes A
+    as the reference and B as the target: a preview of how a compare pairs
+    them (``key_a``/``key_b``: the records' own keys). Empty frame = same
+    schema. A and B: dump dirs or Dumps."""
+    from parity.compare.align import resolve_mapping
+
     da, db = _as_dump(a, False), _as_dump(b, False)
-    sa, sb = _signature(da), _signature(db)
+    if mapping is None or isinstance(mapping, str):
+        mapping = resolve_mapping(mapping, preset, dumps=(da, db))
+    (sa, oa), (sb, ob) = _signature(da, mapping, "ref"), _signature(db, mapping, "target")
     if pattern is not None and not any(pattern.search(k[0]) for k in [*sa, *sb]):
         raise ParityError(f"--filter {pattern.pattern!r} matches no record of {da.given} or {db.given}")
     rows = []
@@ -158,7 +174,8 @@ def schema_diff(a, b, pattern=None) -> pd.DataFrame:
         if pattern is not None and not pattern.search(k[0]):
             continue
         key, phase, step, call, rank = k
-        base = {"key": key, "phase": phase, "step": step, "call": call, "rank": rank}
+        base = {"key": key, "phase": phase, "step": step, "call": call, "rank": rank, "key_a": oa.get(k, ""),
+                "key_b": ob.get(k, "")}
         if k not in sb:
             rows.append({**base, "status": "only in A", "a": _fmt(sa[k]), "b": ""})
         elif k not in sa:
@@ -168,7 +185,7 @@ def schema_diff(a, b, pattern=None) -> pd.DataFrame:
             if sa[k][0] != sb[k][0] and sa[k][1] != sb[k][1]:
                 what = "shape+dtype"
             rows.append({**base, "status": f"{what} differs", "a": _fmt(sa[k]), "b": _fmt(sb[k])})
-    return pd.DataFrame(rows, columns=["key", "phase", "step", "call", "rank", "status", "a", "b"])
+    return pd.DataFrame(rows, columns=["key", "phase", "step", "call", "rank", "status", "a", "b", "key_a", "key_b"])
 
 
 def _fmt(sig) -> str:

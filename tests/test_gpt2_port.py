@@ -77,3 +77,36 @@ def test_one_rules_file_per_side(runs, tmp_path):
     assert m.canonical("blocks.0.ffn.gelu:output", "target") == "transformer.h.0.mlp.act:output"
     assert m.canonical("blocks.0.ffn.gelu:output", "ref") == "blocks.0.ffn.gelu:output"
     assert m.canonical("transformer.h.0.attn.attn_dropout:output", "ref") is None
+
+
+def test_schema_previews_the_pairing(runs):
+    from parity.inspect import schema_diff
+
+    raw = schema_diff(runs["ref"], runs["port"], mapping=None, preset="identity")
+    mapped = schema_diff(runs["ref"], runs["port"], mapping=str(MAPPING))
+    assert (raw["status"] == "only in B").sum() > 10
+    assert not mapped["status"].str.startswith("only in").any(), mapped
+    r = CliRunner().invoke(cli, ["schema", runs["ref"], runs["port"], "--map", str(MAPPING)])
+    assert r.exit_code in (0, 1) and "only in" not in r.output, r.output
+
+
+def test_parity_map_proposes_the_port_mapping(runs, tmp_path):
+    """From structure alone: every name of the port finds its transformers
+    counterpart, and the proposal, used as --map with the reference's own
+    tuple outputs settled, lets the clean port agree."""
+    from parity.compare.propose import propose_mapping
+
+    p = propose_mapping(runs["ref"], runs["port"])
+    pairs = dict(p.pairs)
+    assert pairs["blocks.{L}.ffn.gelu:output"] == "transformer.h.{L}.mlp.act:output"
+    assert pairs["blocks.{L}.attn.out:output"] == "transformer.h.{L}.attn.c_proj:output"
+    assert pairs["norm_f:output"] == "transformer.ln_f:output" and not p.only_target
+    out = tmp_path / "proposed.yaml"
+    r = CliRunner().invoke(cli, ["map", "--ref", runs["ref"], "--target", runs["port"], "--out", str(out)])
+    assert r.exit_code == 0 and "70 of 70 target record(s) meet" in r.output, r.output
+    r = CliRunner().invoke(cli, ["map", "--ref", runs["ref"], "--target", runs["port"], "--out", str(out)])
+    assert r.exit_code == 2 and "--force" in r.output
+    # position embeddings: [1, S, D] in transformers, [S, D] in the port (a layout, not a name, differs)
+    r = CliRunner().invoke(cli, ["ref-vs-target", "--ref", runs["ref"], "--target", runs["port"], "--map", str(out),
+                                 "--filter", r"^(?!transformer\.wpe)"])
+    assert r.exit_code == 0 and "fail: 0" in r.output and "missing_in_target" not in r.output, r.output

@@ -420,3 +420,29 @@ def topk_cmd(ref, target, map_file, preset, fmt, out, force, filter_, allow_inco
                         "fraction of tokens whose decision differs")
         _notes([f"plots: {p}"])
     raise SystemExit(io.exit_code(1 if missing else res.exit_code))
+
+
+@cli.command("map")
+@click.option("--ref", "ref", metavar="DIR", required=True, help="Reference dump.")
+@click.option("--target", "target", metavar="DIR", required=True, help="Target dump whose names are mapped.")
+@click.option("--out", metavar="FILE", default=None, help="Write the rules file to FILE instead of the terminal.")
+@click.option("--force", is_flag=True, help="Let --out replace an existing file (never one inside an input).")
+def map_cmd(ref, target, out, force):
+    """Propose a mapping of the target's record names onto the reference's.
+
+    Records of one layer (and those outside the layers) are paired in
+    execution order by last dimension and kind; each pair whose names
+    differ becomes a rule for every layer. Writes an editable rules file
+    (use it with --map) and says how many target records it pairs. Exit 0.
+    """
+    from parity.compare.propose import check_proposal, propose_mapping
+
+    io = open_inputs({"reference": ref, "target": target}, verify=False, allow_incomplete=True, out=out,
+                     force=force)
+    p = propose_mapping(io["reference"], io["target"])
+    text = p.yaml(ref, target)
+    paired, total = check_proposal(io["reference"], io["target"], text)
+    write_output(text, out, force=force, protect=io.paths)
+    click.echo(f"parity map: {len(p.rules())} rule(s); {paired} of {total} target record(s) meet a reference "
+               f"record under them; {len(p.only_target)} target and {len(p.only_ref)} reference name(s) unpaired",
+               err=True)

@@ -53,15 +53,24 @@ def _fail_if_damaged(dump_dir, res, allow_incomplete) -> None:
 @click.argument("a", metavar="A")
 @click.argument("b", metavar="B")
 @click.option("--allow-incomplete", is_flag=True, help="Do not fail because A or B did not close cleanly.")
+@click.option("--map", "map_file", metavar="FILE", default=None,
+              help="Mapping rules file: preview the pairing a compare makes (A as reference, B as target).")
+@click.option("--preset", metavar="NAME", default=None, help="Mapping preset (default: the one the runs declare).")
+@click.option("--map-ref", metavar="FILE", default=None, help="Rules for A's keys only.")
+@click.option("--map-target", metavar="FILE", default=None, help="Rules for B's keys only.")
 @output_options
-def schema_cmd(a, b, allow_incomplete, fmt, out, force, filter_):
+def schema_cmd(a, b, allow_incomplete, map_file, preset, map_ref, map_target, fmt, out, force, filter_):
     """Records only in dump A, only in dump B, and common records whose shape
-    or dtype differ. Exit 1 when there is any such record, or A or B is
+    or dtype differ, after the mapping a compare would use (A as reference,
+    B as target). Exit 1 when there is any such record, or A or B is
     incomplete."""
+    from parity.compare.align import resolve_mapping
     from parity.inspect import schema_diff
 
     inputs = open_inputs({"A": a, "B": b}, allow_incomplete=allow_incomplete, out=out, force=force)
-    diff = schema_diff(inputs["A"], inputs["B"], compile_filter(filter_))
+    mapping = resolve_mapping(map_file, preset, map_ref=map_ref, map_target=map_target,
+                              dumps=(inputs["A"], inputs["B"]))
+    diff = schema_diff(inputs["A"], inputs["B"], compile_filter(filter_), mapping=mapping)
     summary = {"differences": len(diff), **inputs.summary()}
     text = (render(diff, fmt, summary=summary, cut=interactive(out)) if len(diff) or fmt != "table"
             else "\n".join(["schemas match"] + [f"{k}: {v}" for k, v in inputs.summary().items()]))
