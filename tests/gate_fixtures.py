@@ -1,4 +1,5 @@
-"""Small GSM8K-shaped data and a canned OpenAI-compatible server for the gate tests.
+"""Small GSM8K-shaped data, a canned OpenAI-compatible server for the gate tests,
+and the engine on the tiny trained checkpoint with HTTP helpers for the server tests.
 
 The data is synthetic: GSM8K itself never enters the repository.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -118,3 +121,56 @@ def free_port() -> int:
 
 def numbers_in(text: str) -> list[str]:
     return re.findall(r"\d+", text)
+
+
+# --------------------------------------------------------------------------- the engine's server
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-gsm8k"
+MAX_MODEL_LEN = 384   # short: the engine's CPU step time grows with it
+
+
+def load_engine(max_num_seqs: int = 8):
+    import torch
+
+    from runners.engine import Engine
+
+    # On a CPU shared with other jobs two OpenMP threads spin against each
+    # other and a 10-token generate swings from 0.3 s to 10 s; one is steady.
+    torch.set_num_threads(1)
+    return Engine(CKPT, precision="fp32", max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN)
+
+
+def post(url, body, path="/v1/completions", timeout=60):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url, path):
+    try:
+        with urllib.request.urlopen(url + path, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def stream(url, body, path="/v1/completions"):
+    """The JSON events of a server-sent-events answer, up to [DONE]."""
+    req = urllib.request.Request(url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return events
+            events.append(json.loads(line[len("data: "):]))
+    raise AssertionError("the stream ended without [DONE]")

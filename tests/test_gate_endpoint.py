@@ -118,12 +118,14 @@ def test_failure_mid_run_stops_the_rest():
     with CannedServer(reply) as srv:
         src = EndpointSource(srv.url, "m", concurrency=2, retries=1, backoff=0.01)
         srv.fail_first, srv.fail_status = 0, 503
-        first = src.generate(["Question: a\nAnswer:"], max_new_tokens=8, stop=["Q"], progress=False)
-        assert first == [" #### 1"]
+        got = {}
+        src.generate(["Question: a\nAnswer:"], max_new_tokens=8, stop=["Q"], progress=False,
+                     on_done=lambda i, a: got.__setitem__(i, a.text))
+        assert got == {0: " #### 1"}
         srv.fail_first = 10 ** 6   # every later request fails
         with pytest.raises(ParityError, match="failed after 2 attempts"):
             src.generate([f"Question: {i}\nAnswer:" for i in range(50)], max_new_tokens=8,
-                         stop=["Q"], progress=False)
+                         stop=["Q"], progress=False, on_done=lambda i, a: None)
     assert len(srv.requests) < 20
 
 

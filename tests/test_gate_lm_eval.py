@@ -82,3 +82,49 @@ def test_bad_files(tmp_path):
     (tmp_path / "x.json").write_text("nope")
     with pytest.raises(ParityError, match="not JSON"):
         load_lm_eval(tmp_path / "x.json")
+
+
+def _output_folder(tmp_path, stamp="2026-01-02T03-04-05.678901", results=None):
+    d = tmp_path / "out" / "canned"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"results_{stamp}.json").write_text(json.dumps(results or json.loads(RESULTS.read_text())))
+    (d / f"samples_gsm8k_{stamp}.jsonl").write_text(SAMPLES.read_text())
+    return tmp_path / "out"
+
+
+def test_output_folder_finds_the_runs_files(tmp_path):
+    out = _output_folder(tmp_path)
+    _output_folder(tmp_path, "2026-01-01T00-00-00.000000")   # an older run in the same folder
+    run = load_lm_eval(out)
+    assert run.results_path.endswith("results_2026-01-02T03-04-05.678901.json")
+    assert run.samples_path.endswith("samples_gsm8k_2026-01-02T03-04-05.678901.jsonl")
+    assert len(run.samples) == 8 and any("judged the newest" in n for n in run.notes)
+    r = CliRunner().invoke(cli, ["gate", "gsm8k", "--lm-eval-results", str(out), "--min-accuracy", "0.3"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ParityError, match="no results_"):
+        load_lm_eval(tmp_path / "empty")
+
+
+def test_samples_of_another_run_are_refused(tmp_path):
+    other = tmp_path / "other.jsonl"
+    recs = [json.loads(x) for x in SAMPLES.read_text().splitlines()]
+    recs[0]["prompt_hash"] = "0" * 64
+    other.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ParityError, match="not from the run"):
+        load_lm_eval(RESULTS, other)
+    r = CliRunner().invoke(cli, ["gate", "gsm8k", "--lm-eval-results", str(RESULTS), "--lm-eval-samples",
+                                 str(other)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_model_args_that_tokenize_otherwise_are_named(tmp_path):
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-gsm8k"
+    results = json.loads(RESULTS.read_text())
+    results["config"] = {**results["config"], "model": "local-completions",
+                         "model_args": f"model={ckpt},base_url=http://x/v1/completions,add_bos_token=True"}
+    run = load_lm_eval(_output_folder(tmp_path, results=results))
+    assert any("add_bos_token=True" in n and "add_bos_token=false" in n for n in run.notes), run.notes
+    results["config"]["model_args"] = f"model={ckpt},base_url=http://x/v1/completions"
+    (next((tmp_path / "out").rglob("results_*.json"))).write_text(json.dumps(results))
+    assert load_lm_eval(tmp_path / "out").notes == []

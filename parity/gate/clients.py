@@ -28,7 +28,7 @@ import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from parity.errors import ParityError
 
@@ -43,8 +43,15 @@ def progress_bar(total: int, desc: str, enabled: bool):
                 mininterval=0.5 if tty else 10.0, dynamic_ncols=True, leave=tty)
 
 
+@dataclass
+class Answer:
+    text: str
+    prompt_token_ids: list[int] | None = None   # what the model saw, where the source tells
+
+
 class AnswerSource:
-    """Produces one greedy generation per prompt."""
+    """Produces one greedy generation per prompt, handing each to ``on_done``
+    (index, Answer) as soon as it is there, so a run that dies keeps them."""
 
     kind = "source"
 
@@ -52,7 +59,7 @@ class AnswerSource:
         return {"kind": self.kind}
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str],
-                 progress: bool = True) -> list[str]:
+                 on_done: Callable[[int, Answer], None], progress: bool = True) -> None:
         raise NotImplementedError
 
 
@@ -181,9 +188,11 @@ class EndpointSource(AnswerSource):
             raise ParityError(f"{url} lists no model; pass --model NAME") from None
         return self.model
 
-    def complete(self, prompt: str, max_new_tokens: int, stop: Sequence[str]) -> str:
+    def complete(self, prompt: str, max_new_tokens: int, stop: Sequence[str]) -> Answer:
+        # return_token_ids (vLLM's extension, ignored by servers without it)
+        # brings back the token ids the server made of the text.
         payload = {"model": self.resolve_model(), "prompt": prompt, "max_tokens": max_new_tokens,
-                   "temperature": 0.0, "stop": list(stop), "seed": self.seed}
+                   "temperature": 0.0, "stop": list(stop), "seed": self.seed, "return_token_ids": True}
         reply = self._with_retries(self.url, payload)
         try:
             choices = reply["choices"]
@@ -194,21 +203,22 @@ class EndpointSource(AnswerSource):
                               f"{json.dumps(reply)[:200]}") from None
         if not isinstance(text, str):
             raise ParityError(f"{self.url} answered a non-string text: {text!r:.100}")
-        return text
+        ids = choice.get("prompt_token_ids")
+        ok = isinstance(ids, list) and all(isinstance(t, int) for t in ids)
+        return Answer(text, list(ids) if ok else None)
 
-    def generate(self, prompts, *, max_new_tokens, stop, progress=True):
+    def generate(self, prompts, *, max_new_tokens, stop, on_done, progress=True):
         if not prompts:
-            return []
+            return
         self._abort.clear()
         self.resolve_model()
-        out: list[str | None] = [None] * len(prompts)
         with progress_bar(len(prompts), "gsm8k endpoint", progress) as bar:
             # One request alone first: a server that is down fails once, with
             # one clear message, instead of N times in parallel.
-            out[0] = self.complete(prompts[0], max_new_tokens, stop)
+            on_done(0, self.complete(prompts[0], max_new_tokens, stop))
             bar.update(1)
             if len(prompts) == 1:
-                return out  # type: ignore[return-value]
+                return
             pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="gate")
             try:
                 futs = {pool.submit(self.complete, p, max_new_tokens, stop): i
@@ -216,16 +226,26 @@ class EndpointSource(AnswerSource):
                 pending = set(futs)
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    failed = None
                     for f in done:
                         try:
-                            out[futs[f]] = f.result()
-                        except BaseException:
+                            on_done(futs[f], f.result())
+                        except BaseException as exc:
                             self._abort.set()
-                            raise
+                            failed = failed or exc
+                            continue
                         bar.update(1)
+                    if failed is not None:
+                        # Requests already in flight still finish (and are
+                        # kept); only the queued ones are dropped.
+                        for f in pending:
+                            f.cancel()
+                        for f in wait(pending).done:
+                            if not f.cancelled() and f.exception() is None:
+                                on_done(futs[f], f.result())
+                        raise failed
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
-        return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- in-process
@@ -272,18 +292,18 @@ class EngineSource(AnswerSource):
             self._engine = Engine(self.ckpt, **kwargs)
         return self._engine
 
-    def generate(self, prompts, *, max_new_tokens, stop, progress=True):
+    def generate(self, prompts, *, max_new_tokens, stop, on_done, progress=True):
         engine = self._load()
-        out: list[str] = []
         with progress_bar(len(prompts), "gsm8k engine", progress) as bar:
-            for _, chunk in _batched(list(prompts), self.batch_size):
+            for start, chunk in _batched(list(prompts), self.batch_size):
                 results = engine.generate(list(chunk), max_new_tokens=max_new_tokens, greedy=True,
                                           stop=list(stop))
                 if len(results) != len(chunk):
                     raise ParityError(f"engine returned {len(results)} results for {len(chunk)} prompts")
-                out += [getattr(r, "text", r) for r in results]
+                for k, r in enumerate(results):
+                    ids = getattr(r, "prompt_ids", None)
+                    on_done(start + k, Answer(getattr(r, "text", r), list(ids) if ids is not None else None))
                 bar.update(len(chunk))
-        return out
 
 
 class ReferenceSource(AnswerSource):
@@ -301,7 +321,7 @@ class ReferenceSource(AnswerSource):
         return {"kind": self.kind, "ckpt": str(self.ckpt), "precision": self.precision,
                 "device": self.device}
 
-    def generate(self, prompts, *, max_new_tokens, stop, progress=True):
+    def generate(self, prompts, *, max_new_tokens, stop, on_done, progress=True):
         if self._gen is None:
             mod = _import_optional("runners.reference_generate", "--reference",
                                    "the reference generator and reference_models.load")
@@ -312,8 +332,10 @@ class ReferenceSource(AnswerSource):
                 raise ParityError(f"--reference needs reference_models.load, which cannot be "
                                   f"imported here: {exc}") from None
         with progress_bar(len(prompts), "gsm8k reference", progress) as bar:
-            return self._gen.generate(list(prompts), max_new_tokens=max_new_tokens, stop=list(stop),
-                                      on_done=bar.update)
+            for i, p in enumerate(prompts):
+                (text,) = self._gen.generate([p], max_new_tokens=max_new_tokens, stop=list(stop))
+                on_done(i, Answer(text))
+                bar.update(1)
 
 
 # --------------------------------------------------------------------------- lm-eval
@@ -331,6 +353,7 @@ class LmEvalRun:
     samples: list[dict] = field(default_factory=list)  # one per doc, see _parse_samples
     results_path: str | None = None
     samples_path: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _read_json(path: str | Path, what: str):
@@ -406,7 +429,105 @@ def _parse_samples(path: str | Path) -> list[dict]:
     return [docs[k] for k in sorted(docs)]
 
 
+def find_lm_eval_files(path: str | Path, samples: str | Path | None = None) -> tuple[Path, Path | None, list[str]]:
+    """The results file (and the samples file of the same run) that
+    ``path`` names: a results_*.json, or an lm-eval --output_path folder,
+    searched below for results_<date>.json (the newest when there are
+    several; a note says so) and samples_gsm8k_<same date>.jsonl next to it."""
+    p = Path(path)
+    notes: list[str] = []
+    if p.is_dir():
+        found = sorted(p.rglob("results_*.json"), key=lambda f: (f.name, str(f)))
+        if not found:
+            raise ParityError(f"--lm-eval-results {p}: no results_*.json below this folder "
+                              "(is it lm-eval's --output_path?)")
+        results = found[-1]
+        if len(found) > 1:
+            notes.append(f"{len(found)} lm-eval runs below {p}; judged the newest, {results}")
+    elif p.is_file():
+        results = p
+    else:
+        raise ParityError(f"--lm-eval-results: {p} does not exist")
+    if samples is None and p.is_dir():
+        stamp = results.stem[len("results_"):]
+        match = sorted(results.parent.glob(f"samples_*_{stamp}.jsonl"))
+        if len(match) == 1:
+            samples = match[0]
+        elif not match:
+            notes.append(f"no samples_*_{stamp}.jsonl next to {results.name} (run lm-eval with "
+                         "--log_samples for per-question records)")
+        else:
+            raise ParityError(f"--lm-eval-results {p}: several samples files for {results.name}: "
+                              f"{', '.join(m.name for m in match)}; pass --lm-eval-samples FILE")
+    return results, None if samples is None else Path(samples), notes
+
+
+def _samples_hash(path: Path) -> str | None:
+    """lm-eval's task hash of a samples file (sha256 over doc, prompt and
+    target hashes, in file order), or None when a line lacks them."""
+    import hashlib
+
+    parts = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    parts.append(rec["doc_hash"] + rec["prompt_hash"] + rec["target_hash"])
+                except (ValueError, KeyError, TypeError):
+                    return None
+    return hashlib.sha256("".join(parts).encode("utf-8")).hexdigest()
+
+
+def parse_model_args(args) -> dict:
+    """lm-eval's ``--model_args`` ("k=v,k=v" or already a dict)."""
+    if isinstance(args, dict):
+        return {str(k): v for k, v in args.items()}
+    out = {}
+    for part in str(args or "").split(","):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _truthy(v) -> bool:
+    return str(v).strip().lower() in ("true", "1", "yes")
+
+
+def tokenization_notes(model: dict | None) -> list[str]:
+    """Warnings for lm-eval runs that sent token ids made by another BOS rule
+    than the checkpoint's: local-completions tokenizes itself with a
+    Hugging Face tokenizer (add_special_tokens = its add_bos_token, False by
+    default), whatever the checkpoint's tokenizer_config.json says."""
+    if not model or model.get("model") not in ("local-completions", "openai-completions"):
+        return []
+    args = parse_model_args(model.get("model_args"))
+    backend = str(args.get("tokenizer_backend", "huggingface")).lower()
+    if backend not in ("huggingface", "auto") or not _truthy(args.get("tokenized_requests", True)):
+        return []   # text prompts: the server's rule applies
+    theirs = _truthy(args.get("add_bos_token", False))
+    name = args.get("tokenizer") or args.get("model") or args.get("pretrained")
+    cfg_path = Path(str(name)) / "tokenizer_config.json" if name else None
+    if cfg_path is None or not cfg_path.is_file():
+        return [f"lm-eval sent token ids it made itself (add_bos_token={theirs}); the checkpoint's "
+                f"tokenizer_config.json ({cfg_path or 'no tokenizer named'}) is not here to check "
+                "that rule against"]
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [f"{cfg_path} is not readable JSON: lm-eval's BOS rule could not be checked"]
+    ours = cfg.get("add_bos_token") if isinstance(cfg, dict) else None
+    if not isinstance(ours, bool) or ours == theirs:
+        return []
+    return [f"lm-eval tokenized the prompts itself with add_bos_token={theirs}, but {cfg_path} says "
+            f"add_bos_token={str(ours).lower()}: its token ids {'lack' if ours else 'carry'} the BOS "
+            "a text prompt gets. A server that takes token ids as given answered other prompts than "
+            f"the text shows; rerun lm-eval with add_bos_token={ours} (or tokenizer_backend=None)"]
+
+
 def load_lm_eval(results_path: str | Path, samples_path: str | Path | None = None) -> LmEvalRun:
+    results_path, samples_path, notes = find_lm_eval_files(results_path, samples_path)
     raw = _read_json(results_path, "--lm-eval-results")
     results = raw.get("results") if isinstance(raw, dict) else None
     if not isinstance(results, dict):
@@ -437,7 +558,16 @@ def load_lm_eval(results_path: str | Path, samples_path: str | Path | None = Non
                     num_fewshot=int(shot) if isinstance(shot, (int, float)) else None,
                     lm_eval_version=raw.get("lm_eval_version"), model=model,
                     results_path=str(results_path))
+    run.notes = notes + tokenization_notes(model)
     if samples_path is not None:
         run.samples = _parse_samples(samples_path)
         run.samples_path = str(samples_path)
+        want = (raw.get("task_hashes") or {}).get(task)
+        got = _samples_hash(Path(samples_path))
+        if want and got and want != got:
+            raise ParityError(f"--lm-eval-samples {samples_path} is not from the run of {results_path}: "
+                              f"its task hash {got[:12]} differs from the {want[:12]} the results record")
+        if run.n is not None and len(run.samples) != run.n:
+            raise ParityError(f"--lm-eval-samples {samples_path} holds {len(run.samples)} questions, "
+                              f"the results of {results_path} count {run.n}: not the same run")
     return run

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,11 @@ from parity.gate import stats
 from parity.gate.extract import FILTERS, SHORT, normalize, score, target_answer, truncate_at_stop
 from parity.gate.task import LM_EVAL_VERSION_CHECKED, TASK_NAME, TASK_VERSION, UNTIL, GateTask, iter_jsonl, prompt_hash
 
-SAMPLES_FILE = "samples.jsonl"
-SUMMARY_FILE = "summary.json"
+from parity.gate.outdir import SAMPLES_FILE, SUMMARY_FILE, OutDir, atomic_write, jsonable
+
 RECORD_COLUMNS = ["doc_id", "prompt_hash", "question", "target", "generation", "past_stop",
-                  "answer_strict", "answer_flexible", "correct_strict", "correct_flexible"]
+                  "answer_strict", "answer_flexible", "correct_strict", "correct_flexible",
+                  "prompt_token_ids"]
 
 
 def answer_col(filter_name: str) -> str:
@@ -81,6 +81,7 @@ class GateResult:
     def summary(self) -> dict:
         return {
             "task": TASK_NAME,
+            "status": "complete",
             "passed": self.passed,
             "score_filter": self.config.score,
             "accuracy": {k: v.to_dict() for k, v in self.accuracy.items()},
@@ -99,20 +100,24 @@ class GateResult:
 
 # --------------------------------------------------------------------------- records
 
+def record_of(task: GateTask, i: int, raw, prompt_token_ids=None) -> dict:
+    """Question i's record from a raw generation (and the token ids the
+    source saw, where it tells)."""
+    doc = task.docs[i]
+    raw = raw if isinstance(raw, str) else ""
+    # Cut at the stop sequences as lm-eval does after local generation,
+    # so a server that ignores `stop` scores like one that honours it;
+    # past_stop keeps the evidence that it did not.
+    gen = truncate_at_stop(raw, task.until)
+    return {"doc_id": i, "prompt_hash": task.hashes[i], "question": doc["question"],
+            "target": target_answer(doc["answer"]), "generation": gen, "past_stop": gen != raw,
+            **score(gen, doc["answer"]), "prompt_token_ids": prompt_token_ids}
+
+
 def records_from_generations(task: GateTask, generations: Sequence[str]) -> pd.DataFrame:
     if len(generations) != len(task):
         raise ParityError(f"got {len(generations)} generations for {len(task)} prompts")
-    rows = []
-    for i, (doc, h, raw) in enumerate(zip(task.docs, task.hashes, generations)):
-        raw = raw if isinstance(raw, str) else ""
-        # Cut at the stop sequences as lm-eval does after local generation,
-        # so a server that ignores `stop` scores like one that honours it;
-        # past_stop keeps the evidence that it did not.
-        gen = truncate_at_stop(raw, task.until)
-        rows.append({"doc_id": i, "prompt_hash": h, "question": doc["question"],
-                     "target": target_answer(doc["answer"]), "generation": gen,
-                     "past_stop": gen != raw, **score(gen, doc["answer"])})
-    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
+    return pd.DataFrame([record_of(task, i, g) for i, g in enumerate(generations)], columns=RECORD_COLUMNS)
 
 
 def _past_stop(text: str, until=UNTIL) -> bool:
@@ -130,7 +135,7 @@ def records_from_lm_eval(samples: list[dict]) -> tuple[pd.DataFrame, list[str]]:
                "generation": s["generation"], "past_stop": _past_stop(s["generation"]),
                # Scored as logged, uncut: lm-eval's API models score the
                # server's text as returned, and this must reproduce its numbers.
-               **score(s["generation"], s["answer"])}
+               **score(s["generation"], s["answer"]), "prompt_token_ids": None}
         for filt, theirs in s["lm_eval"].items():
             if filt not in FILTERS:
                 continue
@@ -205,34 +210,15 @@ def load_samples(path: str | Path) -> pd.DataFrame:
 
 
 def write_outputs(result: GateResult, out_dir: str | Path) -> None:
+    """The finished run: summary.json, and samples.jsonl in doc order."""
     d = Path(out_dir)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ParityError(f"cannot create --out-dir {d}: {exc}") from None
-    _atomic_write(d / SUMMARY_FILE, json.dumps(_jsonable(result.summary()), indent=1) + "\n")
-    lines = []
-    for rec in result.records.to_dict(orient="records"):
-        lines.append(json.dumps(_jsonable(rec), ensure_ascii=False))
-    _atomic_write(d / SAMPLES_FILE, "".join(line + "\n" for line in lines))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        v = v.item()
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return None
-    return v
+    atomic_write(d / SUMMARY_FILE, json.dumps(jsonable(result.summary()), indent=1) + "\n")
+    lines = [json.dumps(jsonable(rec), ensure_ascii=False) for rec in result.records.to_dict(orient="records")]
+    atomic_write(d / SAMPLES_FILE, "".join(line + "\n" for line in lines))
 
 
 # --------------------------------------------------------------------------- verdict
@@ -255,6 +241,10 @@ def pair_with_baseline(records: pd.DataFrame, baseline: pd.DataFrame, filt: str)
     p.missing = len(a.index) - len(common)
     ha, hb = ac["prompt_hash"], bc["prompt_hash"]
     p.prompt_mismatch = int(sum(1 for x, y in zip(ha, hb) if x and y and x != y))
+    tokens, note = token_mismatches(ac, bc)
+    p.token_mismatch = tokens
+    if note:
+        p.notes.append(note)
     if p.missing:
         p.notes.append(f"{p.missing} questions of this run are not in the baseline; "
                        f"compared on the {len(common)} in common")
@@ -264,8 +254,34 @@ def pair_with_baseline(records: pd.DataFrame, baseline: pd.DataFrame, filt: str)
     return p
 
 
+def _ids(v):
+    return v if isinstance(v, list) and v else None
+
+
+def token_mismatches(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, str | None]:
+    """Questions (aligned rows) whose prompts reached the model as other
+    token ids, and a note that names a leading-token difference (a BOS one
+    side adds and the other does not): equal prompt hashes do not show it."""
+    ta = a["prompt_token_ids"] if "prompt_token_ids" in a else [None] * len(a)
+    tb = b["prompt_token_ids"] if "prompt_token_ids" in b else [None] * len(b)
+    differ = lead = 0
+    for x, y in zip(ta, tb):
+        x, y = _ids(x), _ids(y)
+        if x is None or y is None or x == y:
+            continue
+        differ += 1
+        lead += x[1:] == y or y[1:] == x
+    if not differ:
+        return 0, None
+    note = f"{differ} prompts reached the model as other token ids than in the baseline"
+    if lead == differ:
+        note += (" (one side has one more leading token: a BOS added on one side only; "
+                 "docs/serve.md has the BOS rule)")
+    return differ, note
+
+
 def evaluate(records: pd.DataFrame, accuracy: dict[str, stats.Accuracy], config: GateConfig,
-             meta: dict, notes: Sequence[str] = ()) -> GateResult:
+             meta: dict, notes: Sequence[str] = (), baseline: pd.DataFrame | None = None) -> GateResult:
     config.validate()
     acc = accuracy[config.score] if config.score in accuracy else None
     if acc is None:
@@ -277,7 +293,7 @@ def evaluate(records: pd.DataFrame, accuracy: dict[str, stats.Accuracy], config:
         checks.append(stats.check_baseline(acc, config.baseline, config.tolerance_stderr))
     paired = None
     if config.baseline_samples is not None:
-        base = load_samples(config.baseline_samples)
+        base = load_samples(config.baseline_samples) if baseline is None else baseline
         paired = pair_with_baseline(records, base, config.score)
         checks.append(stats.check_mcnemar(paired, config.alpha))
         if config.min_agreement is not None:
@@ -298,36 +314,69 @@ def task_meta(task: GateTask) -> dict:
 
 
 def run_gate(source, task: GateTask, config: GateConfig, *, progress: bool = True,
-             max_new_tokens: int | None = None) -> GateResult:
-    """Generate with ``source`` on ``task``'s prompts, score, and judge."""
+             max_new_tokens: int | None = None, out: OutDir | None = None,
+             baseline: pd.DataFrame | None = None) -> GateResult:
+    """Generate with ``source`` on ``task``'s prompts, score, and judge.
+    With ``out``, every finished question is on disk as soon as it is
+    done, and a run that fails says how far it got (outdir.py)."""
     config.validate()
     t0 = time.monotonic()
-    gens = source.generate(task.prompts, max_new_tokens=max_new_tokens or task.max_gen_toks,
-                           stop=list(task.until), progress=progress)
-    records = records_from_generations(task, gens)
     meta = {"source": source.describe(), **task_meta(task)}
     if max_new_tokens:
         meta["max_gen_toks"] = max_new_tokens
+    notes: list[str] = []
+    done: dict[int, dict] = {}
+    if out is not None and out.resume:
+        done, notes = out.previous(task.hashes, meta)
+        notes.append(f"resumed: {len(done)} of {len(task)} questions from the earlier run in {out.path}")
+    if out is not None:
+        out.begin(meta, len(task), [done[i] for i in sorted(done)])
+    todo = [i for i in range(len(task)) if i not in done]
+
+    def on_done(k: int, answer) -> None:
+        rec = record_of(task, todo[k], answer.text, answer.prompt_token_ids)
+        done[todo[k]] = rec
+        if out is not None:
+            out.add(rec)
+
+    try:
+        source.generate([task.prompts[i] for i in todo], max_new_tokens=meta["max_gen_toks"],
+                        stop=list(task.until), on_done=on_done, progress=progress)
+    except (ParityError, KeyboardInterrupt) as exc:
+        why = str(exc) if isinstance(exc, ParityError) else "interrupted"
+        where = "lost (no --out-dir)"
+        if out is not None:
+            out.close()
+            out.status(meta, "incomplete", len(done), len(task), why)
+            where = f"kept in {out.samples}; rerun with --resume to ask only for the rest"
+        if isinstance(exc, KeyboardInterrupt):
+            raise ParityError(f"interrupted after {len(done)} of {len(task)} questions, {where}") from None
+        raise ParityError(f"{why} -- {len(done)} of {len(task)} questions were answered, {where}") from None
+    finally:
+        if out is not None:
+            out.close()
+    records = pd.DataFrame([done[i] for i in range(len(task))], columns=RECORD_COLUMNS)
+    meta["source"] = source.describe()   # now with what the source learnt (the served model)
     meta["elapsed_s"] = round(time.monotonic() - t0, 3)
-    notes = []
     k = int(records["past_stop"].sum())
     if k:
         notes.append(f"{k} generations ran on past a stop sequence (the source ignored `stop`); "
                      "they were cut there before scoring")
-    return evaluate(records, accuracy_of(records), config, meta, notes)
+    return evaluate(records, accuracy_of(records), config, meta, notes, baseline=baseline)
 
 
-def gate_lm_eval(run, config: GateConfig) -> GateResult:
+def gate_lm_eval(run, config: GateConfig, baseline: pd.DataFrame | None = None) -> GateResult:
     """Judge results lm-eval computed (``clients.load_lm_eval``)."""
     config.validate()
-    notes: list[str] = []
+    notes: list[str] = list(getattr(run, "notes", []))
     meta = {"source": {"kind": "lm-eval", "results": run.results_path, "samples": run.samples_path,
                        "task": run.task, "lm_eval_version": run.lm_eval_version,
                        "model": run.model},
             "n": run.n, "num_fewshot": run.num_fewshot,
             "conventions": f"lm-eval {run.lm_eval_version or '?'} (as logged)"}
     if run.samples:
-        records, notes = records_from_lm_eval(run.samples)
+        records, more = records_from_lm_eval(run.samples)
+        notes += more
         acc = accuracy_of(records)
         k = int(records["past_stop"].sum())
         if k:
@@ -345,7 +394,7 @@ def gate_lm_eval(run, config: GateConfig) -> GateResult:
             n = run.n or 0
             acc[filt] = stats.Accuracy(n=n, correct=int(round(a * n)) if n else 0, acc=a, stderr=se)
         notes.append("no --lm-eval-samples: aggregate accuracy only, no per-question records")
-    return evaluate(records, acc, config, meta, notes)
+    return evaluate(records, acc, config, meta, notes, baseline=baseline)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -413,6 +462,7 @@ def diff_samples(a: pd.DataFrame, b: pd.DataFrame, filt: str = "strict-match",
     common = sorted(set(ia.index) & set(ib.index))
     rows = []
     lost = gained = changed = prompt_mismatch = text_only = 0
+    token_mismatch, _ = token_mismatches(ia.loc[common], ib.loc[common])
     for d in common:
         ra, rb = ia.loc[d], ib.loc[d]
         if ra["prompt_hash"] and rb["prompt_hash"] and ra["prompt_hash"] != rb["prompt_hash"]:
@@ -451,5 +501,8 @@ def diff_samples(a: pd.DataFrame, b: pd.DataFrame, filt: str = "strict-match",
         "same answer, other generation": text_only,
         "differing questions": len(rows),
         "prompt hash mismatches": prompt_mismatch,
+        # Equal text can still reach the model as other tokens (a BOS added
+        # on one side only): counted where both runs recorded the ids.
+        "prompt token mismatches": token_mismatch,
     }
     return df, counts

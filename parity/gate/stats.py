@@ -67,6 +67,7 @@ class Paired:
     agreement: float       # same (normalised) extracted answer
     agree: int
     prompt_mismatch: int = 0
+    token_mismatch: int = 0   # same question, other token ids (where both runs recorded them)
     missing: int = 0       # run questions the baseline lacks
     filter: str = "strict-match"
     notes: list[str] = field(default_factory=list)
@@ -78,7 +79,7 @@ class Paired:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in (
             "filter", "n", "both_correct", "only_run", "only_baseline", "neither", "discordant",
-            "p_value", "agree", "agreement", "prompt_mismatch", "missing")}
+            "p_value", "agree", "agreement", "prompt_mismatch", "token_mismatch", "missing")}
         d["notes"] = list(self.notes)
         return d
 

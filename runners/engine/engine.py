@@ -144,6 +144,8 @@ class Engine:
                                     req.all_ids[req.num_computed:req.num_computed + n],
                                     self.cache.blocks_of[req.request_id]) for req, n in batch]
         logits = self.forward(chunks, phase=phase, step=step)
+        # Row i belongs to the i-th output: a server reads logprobs from here.
+        self.last_logits = logits
         outs = []
         for (req, n), row in zip(batch, logits):
             req.num_computed += n
