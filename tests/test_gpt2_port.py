@@ -110,3 +110,48 @@ def test_parity_map_proposes_the_port_mapping(runs, tmp_path):
     r = CliRunner().invoke(cli, ["ref-vs-target", "--ref", runs["ref"], "--target", runs["port"], "--map", str(out),
                                  "--filter", r"^(?!transformer\.wpe)"])
     assert r.exit_code == 0 and "fail: 0" in r.output and "missing_in_target" not in r.output, r.output
+
+
+WEIGHT_RULES = r"""
+ref:
+  # GPT-2's Conv1D stores [in, out]; the port's nn.Linear [out, in]
+  - {match: '\.(c_attn|c_proj|c_fc)\.weight:', transpose: true}
+  - {match: '^lm_head\.', drop: true}          # tied to wte
+  - {match: '\.attn\.bias:|\.masked_bias:', drop: true}   # causal-mask buffers, if any
+target:
+  - {match: '^tok\.', replace: 'transformer.wte.'}
+  - {match: '^pos\.', replace: 'transformer.wpe.'}
+  - {match: '^head\.', drop: true}
+  - {match: '^blocks\.(\d+)\.norm1\.', replace: 'transformer.h.\1.ln_1.'}
+  - {match: '^blocks\.(\d+)\.norm2\.', replace: 'transformer.h.\1.ln_2.'}
+  - {match: '^blocks\.(\d+)\.attn\.qkv\.', replace: 'transformer.h.\1.attn.c_attn.'}
+  - {match: '^blocks\.(\d+)\.attn\.out\.', replace: 'transformer.h.\1.attn.c_proj.'}
+  - {match: '^blocks\.(\d+)\.ffn\.fc_in\.', replace: 'transformer.h.\1.mlp.c_fc.'}
+  - {match: '^blocks\.(\d+)\.ffn\.fc_out\.', replace: 'transformer.h.\1.mlp.c_proj.'}
+  - {match: '^norm_f\.', replace: 'transformer.ln_f.'}
+"""
+
+
+def test_weights_with_a_transpose_rule(tmp_path):
+    """GPT-2's Conv1D weights are [in, out]: a transpose rule lets them meet
+    the port's nn.Linear weights; without it the same weights fail."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from parity import capture
+    from parity.compare.weights import compare_weights
+
+    cfg = GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    capture.dump_weights(hf, str(tmp_path / "ref"))
+    capture.dump_weights(GPT2Port.from_hf(hf), str(tmp_path / "port"))
+    rules = tmp_path / "weights.yaml"
+    rules.write_text(WEIGHT_RULES)
+    res = compare_weights(str(tmp_path / "ref"), str(tmp_path / "port"), mapping=str(rules))
+    t = res.table
+    assert len(t) == 2 * 12 + 4 and (t["verdict"] == "pass").all() and not res.only_target, t[t["verdict"] != "pass"]
+    assert t[t["key"].str.contains("c_fc.weight")]["reason"].str.contains("transposed by the mapping").all()
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(WEIGHT_RULES.replace("transpose: true", r"replace: '.\1.weight:'"))
+    bad = compare_weights(str(tmp_path / "ref"), str(tmp_path / "port"), mapping=str(plain)).table
+    assert (bad["verdict"] == "fail").sum() == 2 * 4, bad[["key", "verdict"]]

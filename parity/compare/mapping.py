@@ -33,7 +33,7 @@ from typing import Iterable
 from parity.errors import ParityError
 
 PRESET_DIR = Path(__file__).parent / "presets"
-_RULE_KEYS = {"match", "replace", "stop", "drop"}
+_RULE_KEYS = {"match", "replace", "stop", "drop", "transpose"}
 _GROUP_REF = re.compile(r"\\(\d+)|\\g<([^>]*)>")
 _LAYER = re.compile(r"(?:^|[.:])(?:layers\.(\d+)|L(\d+))(?=[.:]|$)")
 
@@ -44,6 +44,7 @@ class Rule:
     replace: str | None = None      # None: match only (useful with stop)
     stop: bool = False
     drop: bool = False
+    transpose: bool = False         # a weight stored [in, out] on this side (e.g. GPT-2's Conv1D)
 
 
 SIDES = ("ref", "target")
@@ -88,6 +89,14 @@ class Mapping:
             if r.stop:
                 break
         return s
+
+    def transposed(self, key: str, side: str | None = None) -> bool:
+        """Whether a matching ``transpose`` rule says this side stores the
+        weight under ``key`` with its last two dims swapped."""
+        for r in (self.sides.get(side, []) if side else []) + self.rules:
+            if r.transpose and r.pattern.search(key):
+                return True
+        return False
 
     def map_keys(self, keys: Iterable[str], side: str | None = None) -> dict[str, str]:
         """{canonical: original} for the keys that are not dropped. Two keys
@@ -137,12 +146,13 @@ def _rule(raw, where: str) -> Rule:
         if not isinstance(replace, str):
             raise ParityError(f"{where}: 'replace' must be a string, got {replace!r}")
         _check_template(where, pattern, replace)
-    for flag in ("stop", "drop"):
+    for flag in ("stop", "drop", "transpose"):
         if not isinstance(raw.get(flag, False), bool):
             raise ParityError(f"{where}: '{flag}' must be true or false")
     if raw.get("drop") and replace is not None:
         raise ParityError(f"{where}: a rule either drops or replaces, not both")
-    return Rule(pattern, replace, bool(raw.get("stop", False)), bool(raw.get("drop", False)))
+    return Rule(pattern, replace, bool(raw.get("stop", False)), bool(raw.get("drop", False)),
+                bool(raw.get("transpose", False)))
 
 
 def _read(path: Path) -> dict:

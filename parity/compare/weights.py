@@ -104,7 +104,7 @@ def _quantized(t: torch.Tensor) -> bool:
     return t.dtype in _FP8 or t.dtype in (torch.uint8, torch.int8)
 
 
-def _side_values(dump, piece, scales: dict, k: int | None):
+def _side_values(dump, piece, scales: dict, k: int | None, transpose: bool = False):
     parts, notes = [], []
     for rec in piece.recs:
         w = dump.load(rec)
@@ -115,6 +115,9 @@ def _side_values(dump, piece, scales: dict, k: int | None):
         if note:
             notes.append(note)
     v = parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.shard_dim)
+    if transpose:
+        v = v.transpose(-1, -2)
+        notes.append("transposed by the mapping")
     return v, (notes[0] if notes else None), dump.load(piece.rec).dtype
 
 
@@ -148,8 +151,8 @@ def compare_weights(ref, target, *, mapping=None, preset: str | None = None, fil
             # An FP4 side's unpacked width comes from the other side's shape.
             k_t = raw_r.shape[-1] if raw_r.dim() and not _quantized(raw_r) else None
             k_r = raw_t.shape[-1] if raw_t.dim() and not _quantized(raw_t) else None
-            b, note_r, dt_r = _side_values(rd, p.ref, scales[0], k_r)
-            a, note_t, dt_t = _side_values(td, p.target, scales[1], k_t)
+            b, note_r, dt_r = _side_values(rd, p.ref, scales[0], k_r, mapping.transposed(p.ref.rec.key, "ref"))
+            a, note_t, dt_t = _side_values(td, p.target, scales[1], k_t, mapping.transposed(p.target.rec.key, "target"))
             row.update(dtype_ref=str(dt_r).removeprefix("torch."), dtype_target=str(dt_t).removeprefix("torch."))
             a, b, how = comparable(a, b)
         except ShapeMismatch as exc:
