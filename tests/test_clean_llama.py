@@ -55,3 +55,27 @@ def test_eager_and_sdpa_agree(tmp_path, precision, dtype):
     assert len(res.table) > 40 and not res.failed, res.table[res.table["verdict"] == "fail"]
     b = layer_bisect(None, None, compare=res)
     assert b.key is None and b.exit_code == 0, b.message
+
+
+def test_records_shared_by_the_batch_are_compared_once(tmp_path):
+    """A right-padded batch: transformers records rotary cos/sin as
+    [1, S, D] for the whole batch. Shared, not a layout error."""
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    att = torch.ones_like(ids)
+    att[1, 10:] = 0
+    classes = CLASSES | {"LlamaRotaryEmbedding"}
+
+    def dump(path, model):
+        h = capture.install(model, CaptureConfig(dump_dir=str(path), classes=classes))
+        h.set_context(phase="prefill", step=0, seq_ids=[0, 1], seq_lens=[16, 10])
+        with torch.no_grad():
+            model(ids, attention_mask=att, position_ids=torch.arange(16).unsqueeze(0))
+        h.set_run_info(token_ids=[ids[0].tolist(), ids[1, :10].tolist()], precision="fp32")
+        h.close()
+        return str(path)
+
+    ref = dump(tmp_path / "eager", _model("eager", torch.float32))
+    res = compare_dumps(ref, dump(tmp_path / "sdpa", _model("sdpa", torch.float32)), filter=KEEP)
+    rot = res.table[res.table["key"].str.startswith("model.rotary_emb")]
+    assert len(rot) == 2 and rot["seq"].isna().all() and (rot["verdict"] == "pass").all(), rot
+    assert not res.failed, res.table[res.table["verdict"] == "fail"]

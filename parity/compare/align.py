@@ -166,6 +166,10 @@ def _cut(rec: Record) -> list[tuple[int | None, int | None, tuple[int, int] | No
         return [(s, i, (width - n, width) if left else (0, n), None) for i, (s, n) in enumerate(zip(seq_ids, lens))]
     if len(seq_ids) == 1:
         return [(seq_ids[0], None, None, None)]
+    if dim0 == 1:
+        # One row for the whole batch (rotary cos/sin of a padded batch,
+        # [1, S, D]): shared by every sequence, compared once, as shared.
+        return [(None, None, None, None)]
     if dim0 == len(seq_ids):
         return [(s, i, None, None) for i, s in enumerate(seq_ids)]
     return [(s, None, None, f"dim 0 is {dim0} but seq_ids lists {len(seq_ids)} sequences") for s in seq_ids]
