@@ -146,7 +146,9 @@ def _cut(rec: Record) -> list[tuple[int | None, int | None, tuple[int, int] | No
         if len(cu) != len(seq_ids) + 1:
             return [(s, None, None, f"cu_seqlens has {len(cu)} entries for {len(seq_ids)} sequences")
                     for s in seq_ids]
-        if dim0 == cu[-1]:
+        # rows past the last sequence that the run declares padding (a batch
+        # padded to a captured graph's size) are never compared
+        if dim0 == cu[-1] or dim0 == cu[-1] + rec.meta.get("pad_rows", 0) and rec.meta.get("pad_rows"):
             return [(s, None, (cu[i], cu[i + 1]), None) for i, s in enumerate(seq_ids)]
         if dim0 == len(seq_ids):
             # One row per sequence (e.g. last-token logits) in a ragged forward.
@@ -230,7 +232,12 @@ def cut_dump(dump: Dump, mapping=None, *, keep=None, stages=None, side: str | No
                 partial.add(key)
         for rank, rs in units:
             for seq, row, span, err in _cut(rs[0]):
-                side.pieces.append(Piece(key, phase, step, call, seq, rank, rs, shard_dim, row, span, err, note))
+                side.pieces.append(Piece(key, phase, step, call, seq, rank, rs, shard_dim, row, span, err, note,
+                                         reduce))
+    padded = [r for rs in groups.values() for r in rs if r.meta.get("pad_rows")]
+    if padded:
+        side.notes.append(f"{dump.path}: {sum(r.meta['pad_rows'] for r in padded)} padding row(s) in "
+                          f"{len(padded)} record(s), declared by the run (meta pad_rows), not compared")
     if partial:
         side.notes.append(f"{dump.path}: {len(partial)} sharded record(s) miss ranks and were compared rank "
                           f"by rank, e.g. {sorted(partial)[0]}")

@@ -157,7 +157,9 @@ _META_RULES = {
     "seq_lens": (_int_list, "a list of non-negative integers"),
     "slot_ids": (lambda v: _int_list(v, None), "a list of integers"),
     "shard_dim": (lambda v: v is None or _is_int(v), "an integer"),
+    "shard_reduce": (lambda v: v is None or v == "sum", "'sum'"),
     "padding_side": (lambda v: v in ("left", "right"), "'left' or 'right'"),
+    "pad_rows": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
 }
 
 
