@@ -85,6 +85,8 @@ def _where(r) -> str:
     s = f"{r['phase']}" + (f" step {r['step']}" if r["phase"] == "decode" else "")
     if r["seq"] is not None:
         s += f" seq {r['seq']}"
+    if r.get("rank") is not None:
+        s += f" rank {r['rank']}"
     return s
 
 

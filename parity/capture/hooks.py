@@ -92,6 +92,17 @@ def _ranges(values) -> str:
     return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
 
 
+def layout_of(module: torch.nn.Module, stage: str) -> dict | None:
+    """How a record of ``module`` lies across tensor-parallel ranks, as the
+    module declares it in ``parity_layout`` (docs/dump-format.md): keyed by
+    the stage (``output.1``) or its family (``output``, ``input``); None:
+    nothing declared (replicated)."""
+    layout = getattr(module, "parity_layout", None)
+    if not layout:
+        return None
+    return layout.get(stage) or layout.get(stage.split(".", 1)[0])
+
+
 def register(model: torch.nn.Module, session: CaptureSession, prefix: str = "") -> list:
     """Register hooks; return their removable handles."""
     cfg = session.config
@@ -119,7 +130,8 @@ def register(model: torch.nn.Module, session: CaptureSession, prefix: str = "") 
                     call = call_index(advance=not want_out)
                     if cfg.calls is None or call in cfg.calls:
                         for stage, t in flatten("input", {**dict(enumerate(args)), **kwargs}):
-                            session.record(info.path, stage, info.cls, info.layer, call, t)
+                            session.record(info.path, stage, info.cls, info.layer, call, t,
+                                           layout_of(module, stage))
                 except Exception as exc:  # noqa: BLE001 - never break the host
                     session.fail(exc, f"recording inputs of {info.path}")
                 return None
@@ -132,7 +144,8 @@ def register(model: torch.nn.Module, session: CaptureSession, prefix: str = "") 
                     call = call_index()
                     if cfg.calls is None or call in cfg.calls:
                         for stage, t in flatten("output", output):
-                            session.record(info.path, stage, info.cls, info.layer, call, t)
+                            session.record(info.path, stage, info.cls, info.layer, call, t,
+                                           layout_of(module, stage))
                 except Exception as exc:  # noqa: BLE001
                     session.fail(exc, f"recording outputs of {info.path}")
                 return None

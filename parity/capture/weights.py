@@ -34,6 +34,15 @@ def dump_weights(model: torch.nn.Module, out_dir: str, *, layers=None, if_exists
     return n
 
 
+def _layout(model, module: str, leaf: str) -> dict:
+    """A tensor-parallel shard's layout, as its module declares it (``parity_layout[leaf]``)."""
+    try:
+        layout = getattr(model.get_submodule(module), "parity_layout", None) or {}
+    except AttributeError:
+        return {}
+    return dict(layout.get(leaf) or {})
+
+
 def _write_weights(model, writer: DumpWriter, layers, rank: int, world_size: int) -> tuple[int, int]:
     batch, size, n, skipped, said = [], 0, 0, 0, set()
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
@@ -57,7 +66,7 @@ def _write_weights(model, writer: DumpWriter, layers, rank: int, world_size: int
         cpu = t.detach().to("cpu").contiguous()
         rec = Record(key=f"{name}:weight", module=name, stage="weight", cls=leaf, layer=layer,
                      rank=rank, world_size=world_size, shape=list(cpu.shape), dtype=dtype_name(cpu.dtype),
-                     seq=writer.next_seq())
+                     seq=writer.next_seq(), meta=_layout(model, module, leaf))
         batch.append((rec, cpu))
         size += cpu.numel() * cpu.element_size()
         n += 1

@@ -3,8 +3,10 @@
 A record is cut into *pieces*, one per sequence it covers, using its layout
 metadata (docs/CONTRACTS.md): ``[T, ...]`` with ``cu_seqlens`` is ragged,
 ``[B, S, ...]`` without it has one batch row per ``seq_ids`` entry.
-Tensor-parallel shards (``meta.shard_dim``) are concatenated when every rank
-is present. Pieces meet on (canonical key, phase, step, call, seq_id): never
+Tensor-parallel shards (``meta.shard_dim``) are concatenated and partial
+sums (``meta.shard_reduce: "sum"``) added when every rank is present; a
+failing re-assembled shard is blamed on the ranks whose own part is off
+(``shard_blame``). Pieces meet on (canonical key, phase, step, call, seq_id): never
 on token counts, which coincide too easily to be evidence.
 """
 
@@ -88,6 +90,7 @@ class Piece:
     span: tuple[int, int] | None = None   # token rows of a ragged record
     error: str | None = None        # layout metadata that cannot be trusted
     note: str | None = None
+    reduce: str | None = None       # "sum": recs are partial sums, added up
 
     @property
     def rec(self) -> Record:
@@ -111,6 +114,9 @@ class Piece:
             parts.append(take(dump.load(rec), self.row, self.span))
         if len(parts) == 1:
             t = parts[0]
+        elif self.reduce == "sum":
+            # exact in float64, then the one rounding the all-reduce makes
+            t = torch.stack([p.double() for p in parts]).sum(0).to(parts[0].dtype)
         else:
             d = self.shard_dim
             if self.row is not None and d is not None and d >= 0:
@@ -214,18 +220,26 @@ def cut_dump(dump: Dump, mapping=None, *, keep=None, stages=None, side: str | No
             raise ParityError(f"{dump.path}: record {key} ({phase} step {step} call {call}) appears twice "
                               f"on one rank; the dump mixes two runs")
         dims = {r.meta.get("shard_dim") for r in recs}
+        reduces = {r.meta.get("shard_reduce") for r in recs}
         world = max(r.world_size for r in recs)
+        reduce = None
         if len(recs) == 1:
             units, shard_dim, note = [(None, tuple(recs))], None, None
-            if recs[0].meta.get("shard_dim") is not None and world > 1:
+            if (dims != {None} or reduces != {None}) and world > 1:
                 units = [(recs[0].rank, tuple(recs))]
-                note = f"shard of rank {recs[0].rank} only; compared rank by rank"
+                what = "partial sum" if reduces != {None} else "shard"
+                note = f"{what} of rank {recs[0].rank} only; compared rank by rank"
                 partial.add(key)
+        elif reduces == {"sum"} and ranks == list(range(world)):
+            units, shard_dim, note, reduce = [(None, tuple(recs))], None, f"partial sums of {world} ranks added", "sum"
         elif None not in dims and len(dims) == 1 and ranks == list(range(world)):
             units, shard_dim, note = [(None, tuple(recs))], dims.pop(), None
         else:
             units, shard_dim = [(r.rank, (r,)) for r in recs], None
-            if None in dims:
+            if reduces != {None}:
+                note = f"partial sums of ranks {ranks} of {world}; compared rank by rank"
+                partial.add(key)
+            elif None in dims:
                 note = "replicated on every rank (no shard_dim); compared rank by rank"
             else:
                 note = f"shards of ranks {ranks} of {world}; compared rank by rank"
@@ -243,6 +257,31 @@ def cut_dump(dump: Dump, mapping=None, *, keep=None, stages=None, side: str | No
                           f"by rank, e.g. {sorted(partial)[0]}")
     side.pieces.sort(key=lambda p: p.order)
     return side
+
+
+def shard_blame(piece: Piece, target: torch.Tensor, ref: torch.Tensor, fails) -> tuple[list[int], str] | None:
+    """For a re-assembled shard piece that failed: the ranks whose own part
+    of ``target`` is off against the same part of ``ref`` (reshaped to
+    ``target``'s shape), by ``fails(part, ref_part) -> bool``, and a note
+    saying so. None for anything but concatenated shards (a partial sum
+    cannot be split back into its ranks)."""
+    if piece.shard_dim is None or piece.reduce or len(piece.recs) < 2 or target.numel() != ref.numel():
+        return None
+    ndim = len(piece.rec.shape)
+    d = piece.shard_dim - ndim if piece.shard_dim >= 0 else piece.shard_dim  # survives dropped leading dims
+    if -d > target.dim():
+        return None
+    sizes = [r.shape[d] for r in piece.recs]
+    if sum(sizes) != target.shape[d]:
+        return None
+    ref = ref.reshape(target.shape)
+    parts = zip(piece.recs, target.split(sizes, dim=d), ref.split(sizes, dim=d))
+    bad = [rec.rank for rec, a, b in parts if fails(a, b)]
+    if not bad or len(bad) == len(sizes):
+        return (bad, "the shards of every rank are off") if bad else None
+    good = [r.rank for r in piece.recs if r.rank not in bad]
+    ranks = lambda rs: ("rank " if len(rs) == 1 else "ranks ") + ", ".join(map(str, rs))  # noqa: E731
+    return bad, f"{ranks(bad)}'s shard is off, {ranks(good)}'s agrees (split along dim {piece.shard_dim})"
 
 
 @dataclass

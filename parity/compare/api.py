@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from parity.compare.align import (Alignment, Pair, Piece, ShapeMismatch, ShardReleaser, align, as_dump,
-                                  check_token_ids, comparable, cut_dump, resolve_mapping, split_key)
+                                  check_token_ids, comparable, cut_dump, resolve_mapping, shard_blame, split_key)
 from parity.errors import ParityError
 
 COLUMNS = ["key", "layer", "stage", "phase", "step", "seq", "rank", "shape", "dtype", "rel_l2", "cos", "max_abs",
@@ -190,6 +190,7 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision,
         a, b = _load(t, tdump), _load(r, rdump)
         if kind in ("ids", "topk") and not a.is_floating_point() and not b.is_floating_point():
             return _ids_row(row, a, b, noise)
+        own = a
         a, b, how = comparable(a, b)
     except ShapeMismatch as exc:
         row["reason"] = str(exc)
@@ -241,6 +242,11 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision,
         row["worst_token"], where = _where_in_record(a, b, t_lim)
         if where:
             notes.append(where)
+        blame = shard_blame(t, own, b, lambda x, y: (_metrics(x, y).get("rel_l2") or 0.0) > t_lim)
+        if blame:
+            if len(blame[0]) == 1:
+                row["rank"] = blame[0][0]  # the one rank whose shard is wrong
+            notes.append(blame[1])
     row["verdict"], row["reason"] = v.status, "; ".join([v.reason] + notes)
     return row
 

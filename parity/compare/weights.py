@@ -16,7 +16,8 @@ import re
 import pandas as pd
 import torch
 
-from parity.compare.align import (ShapeMismatch, as_dump, comparable, cut_dump, align, resolve_mapping, split_key)
+from parity.compare.align import (ShapeMismatch, align, as_dump, comparable, cut_dump, resolve_mapping, shard_blame,
+                                  split_key)
 from parity.compare.api import frame
 from parity.compare.result import TableResult
 from parity.errors import ParityError
@@ -170,8 +171,14 @@ def compare_weights(ref, target, *, mapping=None, preset: str | None = None, fil
             if _RANK[ev.status] > _RANK[v.status]:
                 # one broken expert among many is diluted in the whole tensor's rel_l2
                 v = type(ev)(ev.status, f"expert {e} of {b.shape[0]}: {ev.reason}")
+        blame = None
+        if v.status == "fail" and not how:
+            blame = shard_blame(p.target, a, b, lambda x, y: verdict_for(pair_metrics(x, y),
+                                                                          thresholds=limits).status == "fail")
+            if blame and len(blame[0]) == 1:
+                row["rank"] = blame[0][0]
         notes = [n for n in (v.reason, note_t and f"target: {note_t}", note_r and f"reference: {note_r}", how,
-                             p.note) if n]
+                             p.note, blame and blame[1]) if n]
         row.update(shape=list(b.shape), rel_l2=m.get("rel_l2"), cos=m.get("cos"), max_abs=m.get("max_abs"),
                    frac_equal=m.get("frac_equal"), verdict=v.status, reason="; ".join(notes))
         rows.append(row)

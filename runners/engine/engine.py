@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from runners.engine import faults, metadata
+from runners.engine import faults, metadata, parallel
 from runners.engine.cache import CacheManager
 from runners.engine.errors import ParityError
 from runners.engine.ops import invariant
@@ -47,34 +47,46 @@ def _load_tokenizer(ckpt_dir):
 FROM_ENV = "env"
 
 
-def _install_capture(model, config, run_info):
+def _install_capture(model, config, run_info, tp: parallel.TP):
     if config is None:
         return None
     try:
         from parity import capture
+        from parity.config import CaptureConfig
     except Exception:  # capture is optional
         return None
-    return capture.install(model, None if config == FROM_ENV else config, run_info=run_info)
+    config = None if config == FROM_ENV else config
+    if tp.size > 1:
+        # each rank writes its own rank{R}/ of one dump, whatever launched it
+        try:
+            config = (config or CaptureConfig.from_env()).replace(rank=tp.rank, world_size=tp.size)
+        except Exception:  # noqa: BLE001 - a bad setting: install() reports it
+            pass
+    return capture.install(model, config, run_info=run_info)
 
 
 class Engine:
     def __init__(self, ckpt_dir, precision: str = "fp32", device="cpu", max_num_seqs: int = 8,
                  max_model_len: int = 4096, max_num_batched_tokens: int = 4096, prefill_chunk: int | None = None,
                  block_size: int | None = None, num_blocks: int | None = None, strict: bool = True,
-                 fault: str | None = FROM_ENV, capture=FROM_ENV):
+                 fault: str | None = FROM_ENV, capture=FROM_ENV, tp: int | None = None):
         """``fault``: a bug-zoo fault name, None for none, or FROM_ENV
         (PARITY_ENGINE_FAULT). ``capture``: a parity CaptureConfig, None for
-        no capture, or FROM_ENV (the PARITY_DUMP_* variables)."""
+        no capture, or FROM_ENV (the PARITY_DUMP_* variables). ``tp``: ranks
+        of tensor parallelism; None: every process of the launch (torchrun),
+        1 without one (runners/engine/parallel.py)."""
         self.ckpt_dir, self.precision, self.device = str(ckpt_dir), precision, torch.device(device)
         # Read once here, so the hot path pays one set lookup per fault site.
         faults.load(None if fault == FROM_ENV else (fault or ""))
         self.fault = faults.current()
-        self.model, self.config, self.load_report = load_model(ckpt_dir, precision, self.device, strict=strict)
+        self.tp = parallel.init(self.device, tp)
+        self.model, self.config, self.load_report = load_model(ckpt_dir, precision, self.device, strict=strict,
+                                                               tp=self.tp)
         self.cache = CacheManager(self.config, max_num_seqs, max_model_len, dtype=activation_dtype(precision),
                                   device=self.device, block_size=block_size, num_blocks=num_blocks)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefill_chunk)
         self.tokenizer = _load_tokenizer(ckpt_dir)
-        self.capture = _install_capture(self.model, capture, self.run_info)
+        self.capture = _install_capture(self.model, capture, self.run_info, self.tp)
         self.requests: dict[int, Request] = {}
         self.decode_step = 0
         self.last_meta: metadata.ForwardMeta | None = None
@@ -84,8 +96,11 @@ class Engine:
         """What a dump of this engine declares about its run (run.json): a
         compare picks its thresholds by ``precision`` and its slot rule by
         ``batch_invariant`` (the promise docs/engine.md states)."""
-        return {"impl": "engine", "precision": self.precision, "checkpoint": self.ckpt_dir, "fault": self.fault,
+        info = {"impl": "engine", "precision": self.precision, "checkpoint": self.ckpt_dir, "fault": self.fault,
                 "batch_invariant": invariant.enabled(torch.empty(0, device=self.device))}
+        if self.tp.size > 1:
+            info["tensor_parallel"] = self.tp.size
+        return info
 
     # --- tokens -------------------------------------------------------
     def encode(self, prompt) -> list[int]:

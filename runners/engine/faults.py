@@ -9,7 +9,9 @@ engine runs its clean code: the variable is read once, when an ``Engine`` is
 built, into a frozen set, and every check is one set lookup.
 
 The set is module-wide: the last ``Engine`` built in a process decides which
-fault is on for every engine of that process. What each fault models and
+fault is on for every engine of that process. The ``tp_*`` faults
+(``TENSOR_PARALLEL``) act only in a tensor-parallel launch; at TP=1 they
+change nothing. What each fault models and
 what parity reports for it: docs/bug-zoo.md.
 """
 
@@ -37,7 +39,21 @@ FAULTS: dict[str, str] = {
                                  "after the first in a batch",
     "sinkhorn_bf16": "the hyper-connection Sinkhorn normalisation runs in bf16 where the reference uses fp32 "
                      "(a precision bug: bf16 and fp8 only)",
+    # Tensor-parallel bugs: inert at TP=1 (docs/engine.md, Tensor parallelism).
+    "tp_missing_all_reduce": "the row-parallel o_b_proj's partial sums are not all-reduced: every rank goes on "
+                             "with its own share of the attention output (tensor parallel only)",
+    "tp_shared_expert_every_rank": "the replicated shared expert is added to every rank's routed partial sum "
+                                   "before the all-reduce, so it counts once per rank (tensor parallel only)",
+    "tp_heads_strided": "q_b_proj's heads are dealt to the ranks round-robin while the sinks and o_a_proj take "
+                        "contiguous heads (tensor parallel only)",
+    "tp_sinks_offset": "the attention sinks' shard forgets the rank offset: every rank loads rank 0's sinks "
+                       "(tensor parallel only)",
+    "tp_expert_offset": "rank 1 loads its routed experts one expert early (7..14 at tp=2) while routing sends it "
+                        "8..15 (tensor parallel only)",
 }
+
+# Faults that exist only under tensor parallelism (a launch of several ranks).
+TENSOR_PARALLEL: frozenset[str] = frozenset(n for n in FAULTS if n.startswith("tp_"))
 
 # Faults that act only at some precisions (the rest act at every one): the
 # FP8 paths exist only at fp8, and a bf16 rounding is no rounding at fp32.
@@ -100,4 +116,5 @@ def reset_slot_leaky(manager, slot: int) -> None:
     seen.add(slot)
 
 
-__all__ = ["ENV", "FAULTS", "PRECISIONS", "active", "current", "load", "names", "parse", "reset_slot_leaky"]
+__all__ = ["ENV", "FAULTS", "PRECISIONS", "TENSOR_PARALLEL", "active", "current", "load", "names", "parse",
+           "reset_slot_leaky"]

@@ -7,7 +7,10 @@ per-expert ``w1``/``w2``/``w3``). Original names are first rewritten by
 ``RENAMES``; per-expert tensors are stacked into the engine's
 ``[experts, ...]`` parameters. Anything no rule claims is reported unused;
 engine tensors nobody filled are reported unfilled; a shape that disagrees
-is refused.
+is refused. Under tensor parallelism a module's ``tp_shards`` name the
+slice of a checkpoint tensor this rank keeps (runners/engine/parallel.py);
+it is cut before the shape check, and per-expert tensors of another rank's
+experts are skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from runners.engine.errors import ParityError
+from runners.engine.parallel import take
 
 # Original DeepSeek-V4 names -> transformers names, applied in order.
 RENAMES: list[tuple[str, str]] = [
@@ -130,6 +134,12 @@ def _targets(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str, bo
     return out
 
 
+def _shards(model: torch.nn.Module) -> dict[str, tuple[int, object]]:
+    """name -> (dim, index) of every tensor this rank holds a slice of."""
+    return {f"{mod_name}.{attr}".lstrip("."): spec for mod_name, mod in model.named_modules()
+            for attr, spec in getattr(mod, "tp_shards", {}).items()}
+
+
 def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, convert, device="cpu") -> LoadReport:
     """Fill ``model`` from the checkpoint.
 
@@ -138,6 +148,7 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, convert, devic
     ``{"": w_q, "_scale_inv": scale}``).
     """
     targets = _targets(model)
+    shards = _shards(model)
     report = LoadReport()
     filled: set[str] = set()
     stacks: dict[str, tuple[torch.Tensor, set]] = {}  # experts assembled from per-expert pieces
@@ -166,6 +177,13 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, convert, devic
                 mod, attr, _ = targets[name]
                 want = tuple(getattr(mod, attr).shape)
                 t = f.get_tensor(key)
+                if expert is None and name in shards:
+                    t = take(t, *shards[name])
+                if expert is not None and name in shards:
+                    expert -= shards[name][1].start  # experts are split in contiguous ranges
+                    if not 0 <= expert < want[0]:
+                        report.loaded.append(key)  # another rank's expert
+                        continue
                 if expert is None:
                     if tuple(t.shape) != want:
                         raise ParityError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}, "

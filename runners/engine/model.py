@@ -5,6 +5,11 @@ for all sequences of a forward at once; everything sequence-shaped comes in
 through ``ForwardMeta`` index tensors, built once per forward. Module names
 follow transformers' ``DeepseekV4ForCausalLM`` so checkpoints and captures
 line up.
+
+Under tensor parallelism (``tp``, runners/engine/parallel.py) every rank
+holds its share of the attention heads, the indexer heads, the o_proj
+groups, the routed experts and the vocabulary; shapes below are per rank
+(``H`` the rank's heads, ``E`` its experts). At TP=1 they are the model's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runners.engine import faults
+from runners.engine import faults, parallel
 from runners.engine._tap import active as tap_active
 from runners.engine._tap import tap
 from runners.engine.cache import KVCache, LayerCache
@@ -23,6 +28,8 @@ from runners.engine.metadata import CompressMeta, ForwardMeta
 from runners.engine.ops import invariant as inv
 from runners.engine.ops import ops
 from runners.engine.ops import quant
+from runners.engine.ops.torch_ops import swiglu
+from runners.engine.parallel import SINGLE, TP
 
 
 @dataclass
@@ -130,28 +137,36 @@ class WindowCompressor(nn.Module):
 
 
 class IndexerScorer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, n_heads: int):
         super().__init__()
-        self.weights_proj = Linear(cfg.hidden_size, cfg.index_n_heads)
+        self.weights_proj = Linear(cfg.hidden_size, n_heads)
 
 
 class Indexer(WindowCompressor):
     """Lightning indexer: its own compressed keys, then top-k entries per query."""
 
-    def __init__(self, cfg: ModelConfig, ratio: int, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, ratio: int, layer_idx: int, tp: TP = SINGLE):
         super().__init__(cfg, ratio, cfg.index_head_dim, overlap=True)
-        self.layer_idx = layer_idx
+        self.layer_idx, self.tp = layer_idx, tp
         self.n_heads, self.topk = cfg.index_n_heads, cfg.index_topk
-        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim)
-        self.scorer = IndexerScorer(cfg)
+        self.n_local = cfg.index_n_heads // tp.size
+        self.q_b_proj = Linear(cfg.q_lora_rank, self.n_local * cfg.index_head_dim)
+        self.scorer = IndexerScorer(cfg, self.n_local)
+        if tp.size > 1:
+            heads = tp.part(cfg.index_n_heads, "indexer heads")
+            _column(self.q_b_proj, _head_rows(range(heads.start, heads.stop), self.head_dim))
+            _column(self.scorer.weights_proj, heads)
 
     def forward(self, x, q_res, ctx: Ctx, cm: CompressMeta, lc: LayerCache):
         cos, sin = ctx.entry_rope[CSA]
         self.compress(x, cm, lc.idx_kv, lc.idx_gate, lc.idx_pool, cos, sin)
         cos, sin = ctx.rope["compress"]
-        q = self.q_b_proj(q_res).view(x.shape[0], self.n_heads, self.head_dim)
+        q = self.q_b_proj(q_res).view(x.shape[0], self.n_local, self.head_dim)  # [T, Hi, d]
         q = ops.rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
-        w = self.scorer.weights_proj(x).float() * self.n_heads**-0.5
+        w = self.scorer.weights_proj(x).float() * self.n_heads**-0.5  # [T, Hi]
+        # The top-k needs every head's score: the heads are gathered and the
+        # scoring runs whole on every rank (the op scores and selects in one).
+        q, w = parallel.all_gather(q, self.tp, 1), parallel.all_gather(w, self.tp, 1)
         m = ctx.meta
         limit = cm.limit
         if faults.active("indexer_frontier_off_by_one"):
@@ -165,11 +180,11 @@ class Indexer(WindowCompressor):
 
 
 class Compressor(WindowCompressor):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TP = SINGLE):
         lt = cfg.layer_types[layer_idx]
         super().__init__(cfg, cfg.ratio(layer_idx), cfg.head_dim, overlap=lt == CSA)
         self.layer_idx, self.layer_type = layer_idx, lt
-        self.indexer = Indexer(cfg, self.ratio, layer_idx) if lt == CSA else None
+        self.indexer = Indexer(cfg, self.ratio, layer_idx, tp) if lt == CSA else None
 
     def forward(self, x, q_res, ctx: Ctx):
         """Emits this forward's entries into the pool; returns them and, per
@@ -187,23 +202,47 @@ class Compressor(WindowCompressor):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TP = SINGLE):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.head_dim, self.groups = cfg.num_heads, cfg.head_dim, cfg.o_groups
+        self.layer_idx, self.tp = layer_idx, tp
+        self.n_heads, self.head_dim, self.groups = cfg.num_heads // tp.size, cfg.head_dim, cfg.o_groups // tp.size
         self.eps = cfg.rms_norm_eps
         self.rope_label = "main" if cfg.layer_types[layer_idx] == SLIDING else "compress"
         self.scaling = cfg.head_dim**-0.5
         self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank)
         self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.q_b_proj = Linear(cfg.q_lora_rank, cfg.num_heads * cfg.head_dim)
-        self.kv_proj = Linear(cfg.hidden_size, cfg.head_dim)
+        self.q_b_proj = Linear(cfg.q_lora_rank, self.n_heads * cfg.head_dim)
+        self.kv_proj = Linear(cfg.hidden_size, cfg.head_dim)  # one KV head: replicated
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.o_a_proj = GroupedLinear(cfg.num_heads * cfg.head_dim // cfg.o_groups,
-                                      cfg.o_groups * cfg.o_lora_rank, cfg.o_groups)
-        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
-        self.sinks = _empty(cfg.num_heads)
-        self.compressor = Compressor(cfg, layer_idx) if cfg.layer_types[layer_idx] != SLIDING else None
+                                      self.groups * cfg.o_lora_rank, self.groups)
+        self.o_b_proj = Linear(self.groups * cfg.o_lora_rank, cfg.hidden_size)
+        self.sinks = _empty(self.n_heads)
+        self.compressor = Compressor(cfg, layer_idx, tp) if cfg.layer_types[layer_idx] != SLIDING else None
+        if tp.size > 1:
+            self._split(cfg, tp)
+
+    def _split(self, cfg: ModelConfig, tp: TP):
+        """Heads split over ranks: q_b_proj column-parallel, the sinks with
+        their heads, o_a_proj by whole groups (a group reads only its own
+        heads, so a rank's groups are exactly its heads' when the ranks
+        divide the groups), o_b_proj row-parallel."""
+        heads = tp.part(cfg.num_heads, "attention heads")
+        groups = tp.part(cfg.o_groups, "o_proj groups")
+        q_heads = range(heads.start, heads.stop)
+        if faults.active("tp_heads_strided"):
+            # FAULT tp_heads_strided: q_b_proj's heads dealt to ranks round-robin (head h on rank h % tp)
+            # while the sinks and o_a_proj's groups take contiguous heads.
+            q_heads = range(tp.rank, cfg.num_heads, tp.size)
+        _column(self.q_b_proj, _head_rows(q_heads, self.head_dim))
+        sinks = heads
+        if faults.active("tp_sinks_offset"):
+            # FAULT tp_sinks_offset: the sinks' slice forgets the rank offset: every rank loads rank 0's.
+            sinks = slice(0, heads.stop - heads.start)
+        parallel.shard(self, "sinks", 0, sinks)
+        o = cfg.o_lora_rank
+        _column(self.o_a_proj, slice(groups.start * o, groups.stop * o), out_dim=-2)  # output [T, G, o]
+        _row(self.o_b_proj, slice(groups.start * o, groups.stop * o))
 
     def forward(self, x, ctx: Ctx):
         T, H, D = x.shape[0], self.n_heads, self.head_dim
@@ -228,7 +267,11 @@ class Attention(nn.Module):
         if not faults.active("skip_inverse_rope"):  # FAULT skip_inverse_rope: the output keeps the keys' RoPE
             out = ops.rope(out, cos_h, -sin_h)
         out = self.o_a_proj(out.reshape(T, self.groups, -1)).flatten(1)
-        return self.o_b_proj(out), None  # (output, attention weights) like the reference; no weights kept
+        out = self.o_b_proj(out)  # [T, hidden]; under TP this rank's partial sum
+        if not faults.active("tp_missing_all_reduce"):
+            # FAULT tp_missing_all_reduce: the row-parallel o_b_proj's partial sums are not all-reduced.
+            out = parallel.all_reduce(out, self.tp)
+        return out, None  # (output, attention weights) like the reference; no weights kept
 
 
 class HyperConnection(nn.Module):
@@ -333,31 +376,67 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The routed experts; under TP expert-parallel: each rank holds whole
+    experts ``first .. first+E-1`` and returns its partial sum."""
+
+    def __init__(self, cfg: ModelConfig, tp: TP = SINGLE):
         super().__init__()
-        E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.limit = cfg.swiglu_limit
+        E, I, D = cfg.n_routed_experts // tp.size, cfg.moe_intermediate_size, cfg.hidden_size
+        self.limit, self.tp = cfg.swiglu_limit, tp
         self.hidden, self.inter = D, I
         self.gate_up_proj = _empty(E, 2 * I, D)
         self.down_proj = _empty(E, D, I)
         self.register_buffer("gate_up_proj_scale_inv", None)  # set when the experts are FP4
         self.register_buffer("down_proj_scale_inv", None)
+        self.first = 0
+        if tp.size > 1:
+            mine = tp.part(cfg.n_routed_experts, "routed experts")
+            self.first = mine.start
+            if faults.active("tp_expert_offset") and tp.rank == 1:
+                # FAULT tp_expert_offset: rank 1's expert shard is loaded one expert early (experts 7..14 for
+                # 8..15 at tp=2) while routing still sends it experts 8..15.
+                mine = slice(mine.start - 1, mine.stop - 1)
+            parallel.shard(self, "gate_up_proj", 0, mine)
+            parallel.shard(self, "down_proj", 0, mine)
+            parallel.declare(self, "output", shard_reduce="sum")
 
     def _fp4_expert(self, e, rows):
         return quant.fp4_expert(rows, e, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
                                 self.down_proj_scale_inv, self.limit, self.hidden, self.inter)
 
+    def _dense_expert(self, e, rows):
+        return inv.linear(swiglu(inv.linear(rows, self.gate_up_proj, index=e), self.limit), self.down_proj, index=e)
+
     def forward(self, x, ids, weights):
         fn = self._fp4_expert if self.gate_up_proj_scale_inv is not None else None
+        if self.tp.size > 1:
+            ids, weights, fn = self._local(ids, weights, fn or self._dense_expert)
         return ops.fused_moe(x, ids, weights, self.gate_up_proj, self.down_proj, self.limit, fn)
+
+    def _local(self, ids, weights, expert):
+        """Ids and weights of this rank's experts; a pair routed to another
+        rank goes to a null expert (local id E) of output 0 and weight 0. A
+        token's partial sums then add up, over the ranks, to its whole sum;
+        for top-2 bitwise, since either sum is one addition."""
+        n = self.gate_up_proj.shape[0]
+        local = ids - self.first
+        mine = (local >= 0) & (local < n)
+        ids = torch.where(mine, local, torch.full_like(local, n))  # [T, k]
+        weights = torch.where(mine, weights, torch.zeros_like(weights))
+
+        def run(e, rows):
+            return rows.new_zeros(rows.shape[0], self.hidden) if e == n else expert(e, rows)
+
+        return ids, weights, run
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TP = SINGLE):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.gate = Router(cfg, cfg.mlp_layer_types[layer_idx] == "hash_moe")
-        self.experts = Experts(cfg)
+        self.layer_idx, self.tp = layer_idx, tp
+        self.gate = Router(cfg, cfg.mlp_layer_types[layer_idx] == "hash_moe")  # replicated
+        self.experts = Experts(cfg, tp)
+        # Replicated: added after the all-reduce, so the routed sum stays exact.
         self.shared_experts = SharedMLP(cfg)
 
     def forward(self, x, ctx: Ctx):
@@ -369,14 +448,20 @@ class MoE(nn.Module):
         tap(f"model.layers.{self.layer_idx}.mlp.topk_weights", w.gather(-1, by_id), cu_seqlens=cu)
         if tap_active() and not self.gate.is_hash:  # computed for capture only
             tap(f"model.layers.{self.layer_idx}.mlp.topk_margin", self.gate.margin(logits), cu_seqlens=cu)
-        return self.experts(x, ids, w) + self.shared_experts(x)
+        routed = self.experts(x, ids, w)  # [T, D]; under TP this rank's experts only
+        shared = self.shared_experts(x)
+        if faults.active("tp_shared_expert_every_rank"):
+            # FAULT tp_shared_expert_every_rank: the replicated shared expert joins every rank's partial sum
+            # before the all-reduce (a bias added on every rank), so it counts tp times.
+            return parallel.all_reduce(routed + shared, self.tp)
+        return parallel.all_reduce(routed, self.tp) + shared
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TP = SINGLE):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MoE(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, tp)
+        self.mlp = MoE(cfg, layer_idx, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn_hc = HyperConnection(cfg)
@@ -405,12 +490,12 @@ def _mix_streams(comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
 
 
 class DeepseekV4Model(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TP = SINGLE):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # replicated
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hc_head = HyperHead(cfg)
         self.register_buffer("main_inv_freq", cfg.rope_main.inv_freq(), persistent=False)
@@ -437,11 +522,13 @@ class DeepseekV4Model(nn.Module):
 
 
 class DeepseekV4ForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TP = SINGLE):
         super().__init__()
-        self.cfg = cfg
-        self.model = DeepseekV4Model(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.cfg, self.tp = cfg, tp
+        self.model = DeepseekV4Model(cfg, tp)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size // tp.size)
+        if tp.size > 1:
+            _column(self.lm_head, tp.part(cfg.vocab_size, "vocabulary"))
 
     @torch.inference_mode()
     def forward(self, meta: ForwardMeta, cache: KVCache, all_logits: bool = False):
@@ -449,4 +536,22 @@ class DeepseekV4ForCausalLM(nn.Module):
         h = self.model(meta, cache)
         if not all_logits:
             h = h[meta.last_rows]
-        return self.lm_head(h).float()
+        # every rank gets the whole vocabulary, so each samples the same token
+        return parallel.all_gather(self.lm_head(h), self.tp, -1).float()
+
+
+def _head_rows(heads, head_dim: int) -> torch.Tensor:
+    """Output rows of a head-major [heads * head_dim, ...] weight that ``heads`` own."""
+    return torch.tensor([h * head_dim + i for h in heads for i in range(head_dim)], dtype=torch.long, device="cpu")
+
+
+def _column(linear: nn.Module, rows, out_dim: int = -1) -> None:
+    """Column-parallel: this rank's output features ``rows``; its output is a shard along ``out_dim``."""
+    parallel.shard(linear, "weight", 0, rows)
+    parallel.declare(linear, "output", shard_dim=out_dim)
+
+
+def _row(linear: nn.Module, cols) -> None:
+    """Row-parallel: this rank's input features ``cols``; its output a partial sum."""
+    parallel.shard(linear, "weight", 1, cols)
+    parallel.declare(linear, "output", shard_reduce="sum")
