@@ -159,6 +159,13 @@ def accuracy_of(records: pd.DataFrame) -> dict[str, stats.Accuracy]:
 
 def _samples_path(path: str | Path) -> Path:
     p = Path(path)
+    if p.is_dir() and not (p / SAMPLES_FILE).is_file() and any(p.rglob("results_*.json")):
+        from parity.gate.clients import find_lm_eval_files
+
+        _, samples, _ = find_lm_eval_files(p)
+        if samples is None:
+            raise ParityError(f"no lm-eval samples file in {p} (run lm-eval with --log_samples)")
+        return samples
     if p.is_dir():
         p = p / SAMPLES_FILE
     if not p.is_file():
