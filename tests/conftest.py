@@ -5,14 +5,15 @@ import torch
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory):
-    """The tiny preset synthesized once per session (fp32, seed 0)."""
-    from reference_models.synth import synthesize
+def tiny_ckpt():
+    """The tiny preset synthesized once per session (fp32, seed 0): the same
+    folder test_engine_common.tiny_checkpoint() gives modules that need it
+    outside a fixture."""
+    from pathlib import Path
 
-    root = tmp_path_factory.getbasetemp() / "reference-tiny-fp32-seed0"
-    if not (root / "synth.json").exists():
-        synthesize("tiny", seed=0, out=root, dtype="fp32")
-    return root
+    from test_engine_common import tiny_checkpoint
+
+    return Path(tiny_checkpoint())
 
 
 @pytest.fixture(scope="module")

@@ -95,9 +95,11 @@ class Engine:
     def run_info(self) -> dict:
         """What a dump of this engine declares about its run (run.json): a
         compare picks its thresholds by ``precision`` and its slot rule by
-        ``batch_invariant`` (the promise docs/engine.md states)."""
+        ``batch_invariant`` (the promise docs/engine.md states), its mapping
+        onto the reference by ``mapping_preset``."""
         info = {"impl": "engine", "precision": self.precision, "checkpoint": self.ckpt_dir, "fault": self.fault,
-                "batch_invariant": invariant.enabled(torch.empty(0, device=self.device))}
+                "batch_invariant": invariant.enabled(torch.empty(0, device=self.device)),
+                "mapping_preset": "deepseek_v4"}
         if self.tp.size > 1:
             info["tensor_parallel"] = self.tp.size
         return info
