@@ -3,7 +3,7 @@
     python bench/bench_serve.py --ckpt checkpoints/tiny-gsm8k [--tokens 32] [--requests 64]
         [--concurrency 1,8,32,64] [--threads 1] [--max-num-seqs 8] [--device cpu]
 
-Starts the server (runners.serve's Serving, in this process, on loopback),
+Starts the server (runners.server.run.Serving, in this process, on loopback),
 then for each concurrency C sends ``--requests`` greedy requests of
 ``--tokens`` tokens each (``ignore_eos``: fixed length), C at a time, each
 on its own connection, and prints one markdown row: requests/s, generated

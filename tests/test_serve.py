@@ -313,3 +313,14 @@ def test_parity_gate_against_the_server(server, tmp_path):
     assert len(recs) == 3 and all(r["generation"] for r in recs) and not any(r["past_stop"] for r in recs)
     # The record keeps the token ids the server made of the text (no BOS, by the checkpoint's rule).
     assert all(r["prompt_token_ids"] and r["prompt_token_ids"][0] != 0 for r in recs)
+
+
+def test_client_reset_mid_body_without_a_traceback(server, capfd):
+    s = socket.create_connection(server.sock.getsockname()[:2])
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+    time.sleep(0.2)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    time.sleep(0.3)
+    assert post(server.url, {"prompt": "Question: 1+1?\nAnswer:", "max_tokens": 1})[0] == 200
+    assert "Traceback" not in capfd.readouterr().err

@@ -159,6 +159,8 @@ def create_app(loop: EngineLoop, model_name: str, *, read_timeout: float = 30.0,
             raw = await asyncio.wait_for(read(), read_timeout)
         except asyncio.TimeoutError:
             raise ServeError(408, f"the request body did not arrive within {read_timeout:g} s") from None
+        except ClientDisconnect:   # gone mid-body: an answer nobody reads, and no traceback
+            raise ServeError(499, "the client closed the connection") from None
         try:
             body = json.loads(raw, parse_constant=_no_constant)
         except RecursionError:
