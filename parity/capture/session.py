@@ -1,4 +1,5 @@
-"""A capture session: what to record, the current context, the writer thread.
+"""A capture session: what to record, the context it is recorded in, and
+what a failure does.
 
 The host program must never see an exception from here. Every failure is
 caught, reported once on stderr, and turns capture off; the model keeps
@@ -7,6 +8,9 @@ sparse, on the meta device, ...) is skipped with one message per kind, and
 capture goes on for the others. No wait on the writer is unbounded: close(),
 flush() and a full queue give up once the writer has made no progress for
 _STALL_S seconds.
+
+The hooks' records go to the writer pipeline (pipeline.py) directly from
+the CPU, and through CUDA staging (staging.py) from a GPU.
 """
 
 from __future__ import annotations
@@ -14,33 +18,31 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import queue
 import re
 import sys
 import threading
-import time
 
 import torch
 
+from parity.capture.pipeline import Entry, Group, Pipeline
+from parity.capture.staging import Staging
 from parity.capture.taps import state as _tap_state
 from parity.config import CaptureConfig
 from parity.store.schema import Record, dtype_name, st_code
-from parity.store.stats import stats_from_vector, stats_vector
+from parity.store.stats import stats_vector
 from parity.store.writer import DumpWriter
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
+# A record reaches the disk at most _MAX_DELAY_S after the writer took it,
+# sooner once _FLUSH_BYTES are waiting, or on flush() / close().
 _FLUSH_BYTES = 64 << 20
+_MAX_DELAY_S = 0.25
 # CUDA records wait in the hook's thread until this many (or this many bytes
 # of copies) are held, or the context changes, then travel as one group.
 _GROUP_RECORDS = 64
 _GROUP_BYTES = 256 << 20
 # Small CUDA records are copied side by side into one buffer of this size.
 _ARENA_BYTES = 4 << 20
-_STOP = object()
-_DUE = object()  # the oldest unwritten record's time is up
-# A record reaches the disk at most this long after the writer took it
-# (sooner when 64 MB are waiting, or on flush() / close()).
-_MAX_DELAY_S = 0.25
 # How long a wait on the writer (close, flush, a full queue) lasts without the
 # writer making any progress (taking an item, writing bytes) before it gives up.
 _STALL_S = 120.0
@@ -85,14 +87,6 @@ def unsupported(t: torch.Tensor) -> str | None:
     return None
 
 
-class _Flush:
-    """A flush request; the writer sets ``done`` once what came before is on disk."""
-    __slots__ = ("done",)
-
-    def __init__(self):
-        self.done = threading.Event()
-
-
 class CaptureSession:
     def __init__(self, config: CaptureConfig, run_info: dict | None = None):
         self.config = config
@@ -109,30 +103,29 @@ class CaptureSession:
         self.skipped = 0             # records seen but not written: unsupported, failed, inside a graph
         self._skipped_kinds: set[str] = set()
         self.incomplete: str | None = None  # why the dump will not be whole, once known
-        self._write_failed = False   # the disk failed: later records are dropped, not written
-        self._stalled = False        # a wait gave up on the writer: later waits do not start again
         self._closed = False
         self._pid = os.getpid()      # a forked child inherits the session but owns none of its files
-        self._beat = 0               # items the writer has taken: its progress, with the bytes it wrote
         self._tap_calls: dict[str, list[int]] = {}
         self._lock = threading.Lock()
-        # The bound counts records, not queue items: a group of CUDA records
-        # takes one slot per record, so PARITY_DUMP_QUEUE keeps its meaning.
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._batch: list = []
-        self._batch_bytes = 0
-        self._slots = threading.Semaphore(config.queue_size)
-        self._group_records = max(1, min(_GROUP_RECORDS, config.queue_size))
-        self._copy_streams: dict = {}
-        self._pending: list = []
-        self._pending_stream = None
-        self._arena: torch.Tensor | None = None
-        self._arena_used = 0
-        self._pending_bytes = 0
-        self._thread = threading.Thread(target=self._drain, name="parity-writer", daemon=True)
-        self._thread.start()
+        # A group takes one queue slot per record, so it can be no larger than the queue.
+        self._staging = Staging(group_records=max(1, min(_GROUP_RECORDS, config.queue_size)),
+                                group_bytes=_GROUP_BYTES, arena_bytes=_ARENA_BYTES,
+                                send=self._send, dropped=lambda: self._pipeline.failed)
+        self._pipeline = Pipeline(self.writer, slots=config.queue_size, flush_bytes=_FLUSH_BYTES,
+                                  max_delay_s=_MAX_DELAY_S, stall_s=_STALL_S, land=self._staging.land,
+                                  on_fail=self.fail, on_skip=self.skip)
         self.users = 0
         atexit.register(self.close)
+
+    # The writer's device-to-host copy, replaceable here so that a caller can
+    # watch the transfers (bench/bench_capture.py times them).
+    @property
+    def _to_host(self):
+        return self._staging.to_host
+
+    @_to_host.setter
+    def _to_host(self, fn) -> None:
+        self._staging.to_host = fn
 
     # ---- failure handling -------------------------------------------------
     def fail(self, exc: BaseException, where: str) -> None:
@@ -140,7 +133,7 @@ class CaptureSession:
         written, unless the failure is the disk's own."""
         first = self._turn_off(f"capture failed while {where}: {type(exc).__name__}: {exc}", error=True)
         if first:
-            kept = ("Records written so far are in" if self._write_failed or self._stalled
+            kept = ("Records written so far are in" if self._pipeline.failed or self._pipeline.stalled
                     else "Records captured before it are still written to")
             _say(f"capture failed while {where}: {type(exc).__name__}: {exc}. "
                  f"Capture is now off; the program continues. {kept} {self.root}.")
@@ -171,9 +164,23 @@ class CaptureSession:
                  "for the other records; later records of this kind are skipped without a word "
                  "(run.json counts every skipped record in skipped_records).")
 
+    def _skip_in_graph(self, module: str, stage: str) -> None:
+        # Copies, summaries and events cannot go into a CUDA graph being
+        # captured, and a graph's replays never run Python hooks: record
+        # nothing here, keep capture on for the eager forwards, say so once.
+        self.skipped_in_graph += 1
+        self.skipped += 1
+        if self.skipped_in_graph == 1:
+            _say(f"{module}:{stage} ran while a CUDA graph was being captured; such records are skipped, and "
+                 "replays of the graph are never recorded. Capture records eager forwards only: run the model "
+                 "without CUDA graphs while capturing (vLLM enforce_eager=True, SGLang --disable-cuda-graph).")
+
+    def _stalled(self, where: str) -> None:
+        self.fail(TimeoutError(f"the writer made no progress for {self._pipeline.stall_s:.0f} s"), where)
+
     # ---- context ----------------------------------------------------------
     def set_context(self, phase=None, step=None, **meta) -> None:
-        if self._pending:
+        if self._staging.holding:
             self._ship_held()
         try:
             meta = _plain(meta)
@@ -225,59 +232,60 @@ class CaptureSession:
             self.skip(f"{module}:{stage}", kind)
             return
         ctx = self.context
-        meta = dict(ctx["meta"])
-        if extra_meta:
-            meta.update(_plain(extra_meta))
-        cfg = self.config
-        t = t.detach()
-        if cfg.mode == "sample":
-            t, info = _sample(t, meta, cfg.sample_tokens)
-            if info:
-                meta.update(info)
-        rec = Record(key=f"{module}:{stage}", module=module, stage=stage, cls=cls, layer=layer, call=call,
-                     phase=ctx["phase"], step=ctx["step"], rank=cfg.rank, world_size=cfg.world_size,
-                     shape=list(t.shape), dtype=dtype_name(t.dtype), meta=meta)
+        t, meta = self._selected(t.detach(), ctx["meta"], extra_meta)
+        key = f"{module}:{stage}"
         stream = torch.cuda.current_stream(t.device) if t.is_cuda else None
-        if self._pending and stream is not None and stream != self._pending_stream:
-            self._ship_pending()  # one group, one stream: the group's event then covers all its work
-        payload = summary = None
-        if cfg.mode == "stats":
-            rec.kind = "stats"
-            summary = self._summary(t, rec.key)
-            if summary is None:
-                return
-        else:
-            nbytes = t.numel() * t.element_size()
-            if cfg.max_bytes is not None and self.bytes_queued + nbytes > cfg.max_bytes:
-                self.stop(f"PARITY_DUMP_MAX_BYTES budget of {cfg.max_bytes} bytes reached at {rec.key}")
-                return
-            self.bytes_queued += nbytes
-            # A copy, never an alias: the host may mutate the tensor in place later.
-            if t.is_cuda and nbytes <= _ARENA_BYTES // 4:
-                payload = self._arena_copy(t, nbytes)
-            else:
-                payload = t.clone(memory_format=torch.contiguous_format)
-            if t.is_cuda:
-                # Summaries are nearly free on the GPU and slow on the writer's CPU.
-                summary = self._summary(t, rec.key)
-                if summary is None:
-                    return
+        if stream is not None:
+            self._staging.use_stream(stream)
+        carried = self._carried(t, key)
+        if carried is None:
+            return
         with self._lock:
             if not self.active:
                 return
-            rec.seq = self.writer.next_seq()
-        if t.is_cuda:
-            if not self._pending:
-                self._pending_stream = stream
-            self._pending.append((rec, payload, summary))
-            self._pending_bytes += 0 if payload is None else nbytes
-            if len(self._pending) >= self._group_records or self._pending_bytes >= _GROUP_BYTES:
-                self._ship_pending()
-        else:
-            if self._pending:
-                self._ship_pending()  # keep the queue in record order
-            if self._take_slot():
-                self._queue.put(([(rec, payload, summary)], None, None))
+            seq = self.writer.next_seq()
+        rec = Record(key=key, module=module, stage=stage, cls=cls, layer=layer, call=call,
+                     phase=ctx["phase"], step=ctx["step"], rank=self.config.rank,
+                     world_size=self.config.world_size, shape=list(t.shape), dtype=dtype_name(t.dtype),
+                     kind="stats" if self.config.mode == "stats" else "tensor", meta=meta, seq=seq)
+        payload, summary, nbytes = carried
+        entry = Entry(rec, payload, summary)
+        if stream is not None:
+            self._staging.hold(entry, nbytes, stream)
+            return
+        if self._staging.holding:
+            self._staging.ship()  # keep the queue in record order
+        self._send(Group((entry,)))
+
+    def _selected(self, t: torch.Tensor, context_meta: dict, extra_meta: dict | None):
+        """The tensor as the mode keeps it, and the record's metadata."""
+        meta = dict(context_meta)
+        if extra_meta:
+            meta.update(_plain(extra_meta))
+        if self.config.mode == "sample":
+            t, info = _sample(t, meta, self.config.sample_tokens)
+            if info:
+                meta.update(info)
+        return t, meta
+
+    def _carried(self, t: torch.Tensor, key: str):
+        """(payload, summary, payload bytes) of one record, or None when it is not written."""
+        cfg = self.config
+        if cfg.mode == "stats":
+            summary = self._summary(t, key)
+            return None if summary is None else (None, summary, 0)
+        nbytes = t.numel() * t.element_size()
+        if cfg.max_bytes is not None and self.bytes_queued + nbytes > cfg.max_bytes:
+            self.stop(f"PARITY_DUMP_MAX_BYTES budget of {cfg.max_bytes} bytes reached at {key}")
+            return None
+        self.bytes_queued += nbytes
+        if not t.is_cuda:
+            # A copy, never an alias: the host may mutate the tensor in place later.
+            return t.clone(memory_format=torch.contiguous_format), None, nbytes
+        payload = self._staging.copy(t, nbytes)
+        # Summaries are nearly free on the GPU and slow on the writer's CPU.
+        summary = self._summary(t, key)
+        return None if summary is None else (payload, summary, nbytes)
 
     def _summary(self, t: torch.Tensor, key: str):
         try:
@@ -286,209 +294,26 @@ class CaptureSession:
             self.skip(key, "tensors whose summary fails", f"{type(exc).__name__}: {exc}")
             return None
 
-    def _take_slot(self) -> bool:
-        """A place in the writer's queue: the host waits for the disk here,
+    def _send(self, group: Group) -> None:
+        """Hand ``group`` to the writer: the host waits for the disk here,
         but never for a writer that has stopped moving."""
-        if self._wait(lambda s: self._slots.acquire(timeout=s)):
-            return True
-        self.fail(TimeoutError(f"the writer made no progress for {_STALL_S:.0f} s"), "waiting for the disk")
-        return False
-
-    def _wait(self, ready) -> bool:
-        """Call ``ready(timeout)`` until it is true; False once the writer has
-        died or has made no progress for _STALL_S seconds."""
-        if self._stalled:
-            return ready(0)
-        mark, since = self._progress(), time.monotonic()
-        while not ready(0.1):
-            if not self._thread.is_alive():
-                return ready(0)
-            now = self._progress()
-            if now != mark:
-                mark, since = now, time.monotonic()
-            elif time.monotonic() - since > _STALL_S:
-                self._stalled = True
-                return False
-        return True
-
-    def _progress(self) -> tuple[int, int]:
-        return self._beat, self.writer.progress
-
-    def _skip_in_graph(self, module: str, stage: str) -> None:
-        # Copies, summaries and events cannot go into a CUDA graph being
-        # captured, and a graph's replays never run Python hooks: record
-        # nothing here, keep capture on for the eager forwards, say so once.
-        self.skipped_in_graph += 1
-        self.skipped += 1
-        if self.skipped_in_graph == 1:
-            _say(f"{module}:{stage} ran while a CUDA graph was being captured; such records are skipped, and "
-                 "replays of the graph are never recorded. Capture records eager forwards only: run the model "
-                 "without CUDA graphs while capturing (vLLM enforce_eager=True, SGLang --disable-cuda-graph).")
-
-    def _ship_pending(self) -> None:
-        """Hand the held CUDA records to the writer as one group: their
-        summaries go to pinned host memory in one non-blocking copy on the
-        model's stream, behind one event. The writer waits on the event, never
-        on the stream, so it cannot stall the host while the forward runs, and
-        it wakes once per group rather than once per record."""
-        items, self._pending, self._pending_bytes = self._pending, [], 0
-        arena = None if self._arena is None else self._arena[:self._arena_used]
-        self._arena, self._arena_used = None, 0
-        if not items or self._write_failed:
-            return
-        stream = self._pending_stream
-        with torch.cuda.stream(stream):  # where the group's copies and summaries were made
-            sums = torch.stack([summary for _, _, summary in items])
-            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
-            host.copy_(sums, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-        for i in range(len(items)):
-            if not self._take_slot():
-                for _ in range(i):
-                    self._slots.release()
-                return
-        self._queue.put(([(rec, payload, host[i]) for i, (rec, payload, _) in enumerate(items)], event, arena))
-
-    def _arena_copy(self, t: torch.Tensor, nbytes: int) -> torch.Tensor:
-        """Copy a small CUDA tensor into the current group's arena, so the
-        writer brings the whole group to the host in one transfer instead of
-        one pinned allocation, copy and sync per record."""
-        off = (self._arena_used + 15) & ~15
-        if self._arena is None or off + nbytes > self._arena.numel():
-            if self._arena is not None:
-                self._ship_pending()  # the arena travels with its group
-            self._arena = torch.empty(_ARENA_BYTES, dtype=torch.uint8, device=t.device)
-            off = 0
-        self._arena_used = off + nbytes
-        dst = self._arena[off:off + nbytes].view(t.dtype).view(t.shape)
-        dst.copy_(t)
-        return dst
-
-    # ---- writer thread ----------------------------------------------------
-    def _to_host(self, payload: torch.Tensor) -> torch.Tensor:
-        """Copy a device tensor to pinned host memory on a side stream, so the
-        copy neither queues behind the model's kernels nor holds them up."""
-        stream = self._copy_streams.get(payload.device)
-        if stream is None:
-            stream = self._copy_streams[payload.device] = torch.cuda.Stream(device=payload.device)
-        cpu = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            cpu.copy_(payload, non_blocking=True)
-        stream.synchronize()
-        return cpu
-
-    def _drain(self) -> None:
-        # One intra-op thread here (the setting is per thread): the host's own
-        # thread pool already fills the cores, and a second pool spinning
-        # beside it slows the model far more than the writer gains.
-        torch.set_num_threads(1)
-        due = None  # when the oldest unwritten record must be on disk
-        while True:
-            try:
-                item = self._queue.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
-            except queue.Empty:
-                item = _DUE
-            self._beat += 1
-            if isinstance(item, tuple):
-                try:
-                    self._take(*item)
-                except Exception as exc:  # noqa: BLE001 - a device copy failed: nothing more can be written
-                    self._write_fail(exc, "bringing records to the host")
-                finally:
-                    for _ in item[0]:
-                        self._slots.release()
-                item = None  # let the device copies go now
-                # Group commit: one shard and one fsync'd manifest append per
-                # _MAX_DELAY_S, not per record, so a stream of small records
-                # costs the host neither fsyncs nor the writer's GIL time.
-                if not self._batch:
-                    due = None
-                elif due is None:
-                    due = time.monotonic() + _MAX_DELAY_S
-                continue
-            # _DUE, a flush or the stop: write what is waiting. _commit never
-            # raises, so the stop is always obeyed and close() always returns.
-            self._commit()
-            due = None
-            if isinstance(item, _Flush):
-                item.done.set()
-            elif item is _STOP:
-                return
-
-    def _take(self, group, event, arena) -> None:
-        """Bring one group of records to the host and add them to the batch."""
-        if self._write_failed:
-            return  # the disk failed: drain, so the host never blocks
-        if event is not None:
-            event.synchronize()  # the clones and the summaries are done
-        host_arena = None if arena is None else self._to_host(arena)
-        for rec, payload, summary in group:
-            if summary is not None:
-                rec.stats = stats_from_vector(summary)
-            if rec.kind == "stats":
-                self._batch.append((rec, None))
-                continue
-            if host_arena is not None and payload.is_cuda and \
-                    payload.untyped_storage().data_ptr() == arena.data_ptr():
-                start = payload.data_ptr() - arena.data_ptr()
-                cpu = host_arena[start:start + payload.numel() * payload.element_size()]
-                cpu = cpu.view(payload.dtype).view(payload.shape)
-            elif payload.is_cuda:
-                cpu = self._to_host(payload)
-            else:
-                cpu = payload
-            self.writer.digest_soon(rec, cpu)
-            self._batch.append((rec, cpu))
-            self._batch_bytes += cpu.numel() * cpu.element_size()
-            if self._batch_bytes >= _FLUSH_BYTES:
-                self._commit()
-
-    def _commit(self) -> None:
-        """Write the batch as one shard. Never raises: a failure of the disk
-        turns capture off; a failure of one record skips that record only."""
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        if not batch or self._write_failed:
-            return
-        try:
-            self.writer.write_batch(batch)
-        except OSError as exc:  # disk full, permissions, ...: nothing more will fit
-            self._write_fail(exc, "writing the dump")
-        except Exception:  # noqa: BLE001 - one record's summary or metadata: write the others
-            self._commit_each(batch)
-
-    def _commit_each(self, batch: list) -> None:
-        for rec, t in batch:
-            try:
-                self.writer.write_batch([(rec, t)])
-            except OSError as exc:
-                self._write_fail(exc, "writing the dump")
-                return
-            except Exception as exc:  # noqa: BLE001
-                self.skip(rec.key, "records that fail to write", f"{type(exc).__name__}: {exc}")
-
-    def _write_fail(self, exc: BaseException, where: str) -> None:
-        self._write_failed = True
-        self._batch, self._batch_bytes = [], 0
-        self.writer.drop_early()
-        self.fail(exc, where)
-
-    def flush(self) -> None:
-        """Wait until everything recorded so far is on disk."""
-        if self._closed or not self._thread.is_alive():
-            return
-        self._ship_held()
-        request = _Flush()
-        self._queue.put(request)
-        if not self._wait(request.done.wait):
-            self.fail(TimeoutError(f"the writer made no progress for {_STALL_S:.0f} s"), "flushing")
+        if not self._pipeline.put(group):
+            self._stalled("waiting for the disk")
 
     def _ship_held(self) -> None:
         try:
-            self._ship_pending()
+            self._staging.ship()
         except Exception as exc:  # noqa: BLE001
-            self._pending = []
             self.fail(exc, "handing records to the writer")
+
+    # ---- the end ------------------------------------------------------------
+    def flush(self) -> None:
+        """Wait until everything recorded so far is on disk."""
+        if self._closed or not self._pipeline.alive:
+            return
+        self._ship_held()
+        if not self._pipeline.flush():
+            self._stalled("flushing")
 
     def close(self) -> None:
         """Write what is queued, then finish run.json: complete, or why not.
@@ -499,8 +324,7 @@ class CaptureSession:
             self._closed = True
         atexit.unregister(self.close)
         self._ship_held()
-        self._queue.put(_STOP)
-        finished = self._wait(lambda s: _ended(self._thread, s))
+        finished = self._pipeline.finish()
         with self._lock:
             self.active = False
             if _tap_state.session is self:
@@ -513,7 +337,7 @@ class CaptureSession:
             self.writer.close(self.incomplete, **extra)
         except Exception as exc:  # noqa: BLE001
             self.errors += 1
-            if not self._write_failed:  # else the failure has been told already
+            if not self._pipeline.failed:  # else the failure has been told already
                 _say(f"could not finish the dump in {self.root} ({type(exc).__name__}: {exc}); "
                      "it reads as incomplete.")
             return
@@ -525,13 +349,8 @@ class CaptureSession:
         """The writer is stuck (a hung filesystem): leave it the files and
         the folder's lock and let the host go on. Nothing more is written
         (it would hang too): run.json keeps "complete": false."""
-        _say(f"the writer made no progress for {_STALL_S:.0f} s; close() gave up on it. "
+        _say(f"the writer made no progress for {self._pipeline.stall_s:.0f} s; close() gave up on it. "
              f"The dump in {self.root} is incomplete.")
-
-
-def _ended(thread: threading.Thread, timeout: float) -> bool:
-    thread.join(timeout)
-    return not thread.is_alive()
 
 
 def _capturing_graph(t: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ file is recognisably stale and the next writer takes it over.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -442,33 +443,37 @@ class DumpWriter:
         """Forget digests started for tensors that will not be written."""
         self._early.clear()
 
-    def write_batch(self, items: list[tuple[Record, torch.Tensor | None]]) -> None:
+    def write_batch(self, items: list[tuple[Record, torch.Tensor | None]]) -> list[Record]:
         """Write the tensors of ``items`` (CPU tensors; None for a stats-only
-        record) as one shard, then every record's manifest line, in order."""
-        tensors = [(rec, t) for rec, t in items if t is not None]
-        shard = self._write_shard(tensors) if tensors else None
+        record) as one shard, then every record's manifest line, in order.
+        Returns the records as written; the given ones are left as they were."""
+        placed = [(rec, t) for rec, t in items if t is not None]
+        shard = self._write_shard(placed) if placed else None
+        written = iter([rec for rec, _ in placed])
+        records = [rec if t is None else next(written) for rec, t in items]
         try:
-            text = "".join(rec.to_json() + "\n" for rec, _ in items)
+            text = "".join(rec.to_json() + "\n" for rec in records)
         except BaseException:
             if shard is not None:  # no line will name it
                 _remove_quietly(shard)
             raise
         self._append_manifest(text, len(items), shard)
-        if tensors:
-            self.bytes_written += sum(t.numel() * t.element_size() for _, t in tensors)
+        if placed:
+            self.bytes_written += sum(t.numel() * t.element_size() for _, t in placed)
+        return records
 
     def _write_shard(self, items: list[tuple[Record, torch.Tensor]]) -> str:
+        """Write ``items`` as one shard and return its path. Each item of the
+        list is replaced by its record as written: tensor name, file, shape,
+        dtype, hash and summary (the caller's records are never changed)."""
         self._shard_no += 1
         name = f"shard-{self._shard_no:06d}.safetensors"
-        bufs, header, offset = [], {}, 0
+        bufs, names, header, offset = [], [], {}, 0
         for rec, t in items:
             buf = tensor_bytes(t)
-            rec.tensor = f"t{rec.seq:07d}"
-            rec.file = name
-            rec.shape = list(t.shape)
-            rec.dtype = dtype_name(t.dtype)
-            header[rec.tensor] = {"dtype": st_code(t.dtype), "shape": list(t.shape),
-                                  "data_offsets": [offset, offset + buf.nbytes]}
+            names.append(f"t{rec.seq:07d}")
+            header[names[-1]] = {"dtype": st_code(t.dtype), "shape": list(t.shape),
+                                 "data_offsets": [offset, offset + buf.nbytes]}
             bufs.append(buf)
             offset += buf.nbytes
         header["__metadata__"] = {"format": "pt", "parity_format": str(FORMAT_VERSION)}
@@ -501,8 +506,11 @@ class DumpWriter:
                 os.close(fd)
             # The shard takes its final name only once every record in it has
             # its hash and summary: a failure leaves no shard without lines.
-            for (rec, t), buf, fut in zip(items, bufs, futures):
-                rec.hash, rec.stats = fut.result() if fut is not None else _digest(t, rec.stats, buf)
+            digests = [fut.result() if fut is not None else _digest(t, rec.stats, buf)
+                       for (rec, t), buf, fut in zip(items, bufs, futures)]
+            items[:] = [(dataclasses.replace(rec, tensor=tensor, file=name, shape=list(t.shape),
+                                             dtype=dtype_name(t.dtype), hash=digest, stats=stats), t)
+                        for (rec, t), tensor, (digest, stats) in zip(items, names, digests)]
             os.replace(tmp, final)
         except BaseException:
             _remove_quietly(tmp)
