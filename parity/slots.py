@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from parity.compare.api import frame
-from parity.compare.align import ShardReleaser, _cut, as_dump, split_key, squeeze_leading, take, token_ids
+from parity.compare.align import (ShardReleaser, _cut, as_dump, position_label, prompt_lens, split_key,
+                                  squeeze_leading, take, token_ids)
 from parity.errors import ParityError
 from parity.store.reader import Dump
 from parity.store.schema import Record
@@ -351,15 +352,19 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
     if solos:
         solo_of, notes = _solo_index(bdump, solos)
         for s in solos:
-            idx = {}
+            idx, lens = {}, prompt_lens(s)
             for r in s.records():
                 if r.kind == "tensor":
-                    idx[(r.key, r.phase, r.step, r.call, r.rank)] = r
+                    # by position: a solo prompt's chunks and steps meet the
+                    # batched run's rows of the same positions
+                    ph, stp, start = position_label(r, (r.seq_ids or [None])[0], lens)
+                    idx[(r.key, ph, stp, r.call, r.rank, start)] = r
             solo_recs[id(s)] = idx
             rel_solo[id(s)] = ShardReleaser(s, idx.values())
     rel = ShardReleaser(bdump, recs)
     rows = []
     unsplit = 0
+    blens = prompt_lens(bdump)
     for rec in sorted(recs, key=lambda r: (r.rank, r.seq)):
         cuts = _cut(rec)
         layer, stage = split_key(rec.key, rec.layer)
@@ -390,8 +395,9 @@ def slot_invariance(batched, solo=None, *, same_prompt: bool = False, filter=Non
                 s = solo_of.get(c[0])
                 if s is None:
                     continue
-                row = dict(base, slot=slot, seq=c[0])
-                srec = solo_recs[id(s)].get((rec.key, rec.phase, rec.step, rec.call, rec.rank))
+                ph, stp, start = position_label(rec, c[0], blens)
+                row = dict(base, slot=slot, seq=c[0], phase=ph, step=stp)
+                srec = solo_recs[id(s)].get((rec.key, ph, stp, rec.call, rec.rank, start))
                 if c[3]:
                     row.update(invariant=False, reason=c[3])
                 elif srec is None:

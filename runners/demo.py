@@ -203,7 +203,8 @@ _ENGINE_STAGE = {"target": "engine: all prompts (target)", "ref": "reference, fo
 
 def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, precision: str | None = None,
              fault: str | None = None, data: str | None = None, force: bool = False, progress: bool = True,
-             floor: bool | None = None, noise: int | None = None, patch_engine=None) -> DemoResult:
+             floor: bool | None = None, noise: int | None = None, patch_engine=None,
+             prefill_chunk: int | None = None) -> DemoResult:
     """Everything ``parity demo`` does; returns what it found. ``precision``
     None: fp32, or what ``fault`` needs. ``floor``: also run the reference in
     fp64 and judge by the noise floor instead of fixed thresholds; None: for
@@ -226,6 +227,8 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
         noise = 0 if precision == "fp32" else 4
     if noise < 0:
         raise ParityError("--noise must be >= 0")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ParityError("--prefill-chunk must be >= 1")
     prepare_out(out, force)
     prompts, source = demo_prompts(questions, data)
     say = lambda msg: click.echo(f"parity demo: {msg}", err=True)
@@ -250,7 +253,7 @@ def run_demo(out, *, ckpt=None, questions: int = 3, decode_steps: int = 4, preci
     try:
         side = sbs.run_side_by_side(
             ckpt, prompts, out / "dumps", precision=precision, decode_steps=decode_steps, fault=fault,
-            floor=floor, noise=noise, force=True, patch_engine=patch_engine,
+            floor=floor, noise=noise, force=True, patch_engine=patch_engine, prefill_chunk=prefill_chunk,
             on_stage=lambda s: bar.stage(_ENGINE_STAGE.get(s) or (
                 f"reference, noise member {s[6:]}" if s.startswith("noise-") else f"engine: prompt {s[5:]} alone")))
         timings.update(side.timings)
@@ -426,8 +429,12 @@ class _FaultOption(click.Option):
               help="GSM8K test jsonl (default: ../shared/data/gsm8k/test.jsonl; built-in questions when missing).")
 @click.option("--noise", type=int, default=None, metavar="K",
               help="Judge by a noise model of K perturbed reference runs (default: 4 for bf16 and fp8, 0 for fp32).")
+@click.option("--prefill-chunk", type=int, default=None, metavar="N",
+              help="The engine computes each prompt in chunks of N tokens, as serving engines do "
+                   "(default: one forward).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-def demo(out, force, fault, ckpt, questions, decode_steps, precision, floor, noise, data, no_progress):
+def demo(out, force, fault, ckpt, questions, decode_steps, precision, floor, noise, data, prefill_chunk,
+         no_progress):
     """Run engine and reference side by side on a few GSM8K questions and check them.
 
     Prints the ref-vs-target summary, the layer-bisect verdict and the
@@ -438,6 +445,7 @@ def demo(out, force, fault, ckpt, questions, decode_steps, precision, floor, noi
     if decode_steps < 0:
         raise ParityError("--decode-steps must be >= 0")
     res = run_demo(out, ckpt=ckpt, questions=questions, decode_steps=decode_steps, precision=precision,
-                   fault=fault, data=data, force=force, progress=not no_progress, floor=floor, noise=noise)
+                   fault=fault, data=data, force=force, progress=not no_progress, floor=floor, noise=noise,
+                   prefill_chunk=prefill_chunk)
     click.echo("\n".join(summary_lines(res)))
     raise SystemExit(res.exit_code)

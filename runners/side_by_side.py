@@ -177,7 +177,8 @@ def _previous_tenants(engine, prompt_ids) -> None:
 
 
 def _engine_run(ckpt, dump: Path, prompt_ids, *, precision, max_new_tokens, fault, max_num_seqs,
-                device, full_logits=False, record_tokens=False, reuse_slots=False, patch_engine=None):
+                device, full_logits=False, record_tokens=False, reuse_slots=False, patch_engine=None,
+                prefill_chunk=None):
     """One fresh engine, capture into ``dump``, greedy over ``prompt_ids``.
 
     A fresh engine per run: a slot-state bug must not leak from one run into
@@ -196,6 +197,7 @@ def _engine_run(ckpt, dump: Path, prompt_ids, *, precision, max_new_tokens, faul
     cfg = CaptureConfig.from_env().replace(dump_dir=str(dump))
     engine = Engine(ckpt, precision=precision, device=device, max_num_seqs=max_num_seqs,
                     max_model_len=max(longest + 1, 64), max_num_batched_tokens=tokens, fault=fault,
+                    prefill_chunk=prefill_chunk,
                     capture=None if reuse_slots else cfg)
     if patch_engine is not None:
         patch_engine(engine)
@@ -243,7 +245,7 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
                      decode_steps: int = 4, fault: str | None = None, floor: bool = False, noise: int = 0,
                      force: bool = False,
                      device: str = "cpu", on_stage: Callable[[str], None] | None = None,
-                     patch_engine: Callable | None = None) -> SideBySide:
+                     patch_engine: Callable | None = None, prefill_chunk: int | None = None) -> SideBySide:
     """Run engine and reference on ``prompts`` (strings or token-id lists)
     and write their dumps and ``index.json`` into ``out``.
 
@@ -284,8 +286,12 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
     prompt_ids = [_encode(tokenizer, p) for p in prompts]
     batch = _batch_of(len(prompt_ids), slots)
     new_tokens = decode_steps + 1
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ParityError("--prefill-chunk must be >= 1")
+    # Engine runs split each prompt into chunks of prefill_chunk tokens, as
+    # serving engines do; the reference runs each prompt in one forward.
     run = dict(ckpt=ckpt, precision=precision, max_new_tokens=new_tokens, fault=fault, device=device,
-               patch_engine=patch_engine)
+               patch_engine=patch_engine, prefill_chunk=prefill_chunk)
 
     with timed("target"):
         generated = _engine_run(dump=out / "target", prompt_ids=prompt_ids, max_num_seqs=len(prompt_ids),
@@ -323,6 +329,7 @@ def run_side_by_side(ckpt, prompts: list, out, *, precision: str = "fp32", slots
                       "quant_sim_activations": ref_cfg["quant_sim"], "forced": True},
         "fault": fault,
         "decode_steps": decode_steps,
+        "prefill_chunk": prefill_chunk,
         "preset": PRESET,
         "prompts": [{"text": p if isinstance(p, str) else None, "token_ids": ids}
                     for p, ids in zip(prompts, prompt_ids)],
@@ -368,6 +375,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise", type=int, default=0, metavar="K",
                     help="also write noise-0..K-1/: perturbed reference runs, a noise ensemble (default 0)")
     ap.add_argument("--force", action="store_true", help="replace the runs in a non-empty --out")
+    ap.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                    help="engine runs compute each prompt in chunks of N tokens (default: in one forward)")
     ap.add_argument("--device", default="cpu")
     return ap
 
@@ -381,6 +390,7 @@ def main(argv=None) -> int:
         res = run_side_by_side(args.ckpt, prompts, args.out, precision=args.precision, slots=args.slots,
                                decode_steps=args.decode_steps, fault=args.fault, floor=args.floor,
                                noise=args.noise, force=args.force, device=args.device,
+                               prefill_chunk=args.prefill_chunk,
                                on_stage=lambda s: print(f"running {s}", file=sys.stderr, flush=True))
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)

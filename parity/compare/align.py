@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -103,12 +103,15 @@ class Piece:
     @property
     def order(self) -> tuple:
         r = self.rec
-        return (_PHASE_ORDER.get(r.phase, 3), r.step or 0, r.seq, self.seq if self.seq is not None else -1,
+        return (_PHASE_ORDER.get(self.phase, 3), self.step or 0, r.seq, self.seq if self.seq is not None else -1,
                 self.rank if self.rank is not None else -1)
 
     def load(self, dump: Dump) -> torch.Tensor:
         """The piece as a tensor with leading singleton dims removed. A view
         into the memory map unless shards had to be concatenated."""
+        return squeeze_leading(self._gather(dump))
+
+    def _gather(self, dump: Dump) -> torch.Tensor:
         parts = []
         for rec in self.recs:
             parts.append(take(dump.load(rec), self.row, self.span))
@@ -122,7 +125,107 @@ class Piece:
             if self.row is not None and d is not None and d >= 0:
                 d -= 1  # the batch dim is gone
             t = torch.cat(parts, dim=d)
-        return squeeze_leading(t)
+        return t
+
+
+@dataclass
+class Stitched(Piece):
+    """A sequence's prompt computed in several prefill chunks, stitched back
+    into one piece in position order."""
+
+    parts: tuple = ()
+
+    def _gather(self, dump: Dump) -> torch.Tensor:
+        parts = [p._gather(dump) for p in self.parts]
+        if len({t.shape[1:] for t in parts}) > 1:
+            if any(t.is_floating_point() for t in parts) or any(t.dim() != 2 for t in parts):
+                raise ShapeMismatch(f"prefill chunks of shapes {[list(t.shape) for t in parts]} cannot be stitched")
+            # index rows (a top-k) padded with -1 to each forward's widest: the sets are what count
+            w = max(t.shape[1] for t in parts)
+            parts = [torch.nn.functional.pad(t, (0, w - t.shape[1]), value=-1) for t in parts]
+        return torch.cat(parts, dim=0)
+
+
+def prompt_lens(dump: Dump) -> list[int] | None:
+    run = dump.run if isinstance(dump.run, dict) else {}
+    if isinstance(run.get("prompt_lens"), list):
+        return run["prompt_lens"]
+    ids = run.get("token_ids")
+    return [len(t) for t in ids] if isinstance(ids, list) and all(isinstance(t, list) for t in ids) else None
+
+
+def position_label(rec: Record, seq: int | None, lens: list[int] | None):
+    """(phase, step, start) of sequence ``seq``'s rows in ``rec`` by absolute
+    position, when the forward declared its first positions: prompt rows are
+    prefill step 0, the row at position p of a prompt of P tokens is decode
+    step p - P + 1. Otherwise the record's own labels and start None."""
+    starts = rec.meta.get("start_positions")
+    if (lens is None or starts is None or seq is None or not 0 <= seq < len(lens)
+            or len(starts) != len(rec.seq_ids or ()) or seq not in rec.seq_ids):
+        return rec.phase, rec.step, None
+    start = starts[rec.seq_ids.index(seq)]
+    if start >= lens[seq]:
+        return "decode", start - lens[seq] + 1, start
+    return "prefill", 0, start
+
+
+def _by_position(pieces: list[Piece], dump: Dump) -> tuple[list[Piece], int]:
+    """Pieces of ragged per-token records whose forward declares each
+    sequence's first position (``start_positions``) re-labelled by absolute
+    position: rows of the prompt are prefill, a row at position p of a
+    prompt of P tokens is decode step p - P + 1, whichever forward computed
+    it; a prompt split over several forwards (chunked prefill) is stitched
+    back into one piece. Returns the pieces and how many prompts were stitched."""
+    lens = prompt_lens(dump)
+    if lens is None:
+        return pieces, 0
+    out, chunks, last_rows = [], defaultdict(list), {}
+    for p in pieces:
+        phase, step, start = position_label(p.rec, p.seq, lens)
+        if start is None or p.error:
+            out.append(p)
+            continue
+        if phase == "decode":
+            out.append(replace(p, phase=phase, step=step))
+            continue
+        r, plen = p.rec, lens[p.seq]
+        rows = r.meta.get("rows", "tokens")
+        per_token = r.cu_seqlens is not None and r.shape and r.shape[0] == r.cu_seqlens[-1] + r.meta.get("pad_rows", 0)
+        if rows == "entries":
+            # compressed entries a chunk emitted: in order, whatever their count
+            chunks[(p.key, p.call, p.seq, p.rank, "entries")].append((start, None, p))
+            continue
+        if not per_token or p.span is None:
+            # one row per forward (a chunk's last row): the prompt's is the last chunk's
+            k = (p.key, p.call, p.seq, p.rank)
+            if k not in last_rows or start > last_rows[k][0]:
+                last_rows[k] = (start, replace(p, phase="prefill", step=0))
+            continue
+        n = p.span[1] - p.span[0]
+        if start + n > plen:
+            out.append(replace(p, error=f"rows {start}..{start + n - 1} run past the prompt's {plen} tokens"))
+        else:
+            chunks[(p.key, p.call, p.seq, p.rank, "tokens")].append((start, n, p))
+    out += [p for _, p in last_rows.values()]
+    stitched = 0
+    for (*_, kind), parts in chunks.items():
+        parts.sort(key=lambda x: x[0])
+        first = parts[0][2]
+        gap = None
+        if kind == "tokens":
+            gap = next((f"rows from position {s} follow position {ps + pn - 1}" for (ps, pn, _), (s, _, _)
+                        in zip(parts, parts[1:]) if s != ps + pn), None)
+            if parts[0][0] != 0:
+                gap = f"the prompt's rows start at position {parts[0][0]}"
+        if len(parts) == 1 and gap is None:
+            out.append(replace(first, phase="prefill", step=0))
+            continue
+        stitched += len(parts) > 1
+        recs = tuple(r for _, _, q in parts for r in q.recs)
+        out.append(Stitched(first.key, "prefill", 0, first.call, first.seq, first.rank, recs, first.shard_dim,
+                            error=gap and f"prefill chunks are not contiguous: {gap}", note=first.note,
+                            reduce=first.reduce, parts=tuple(q for _, _, q in parts)))
+    return out, stitched
 
 
 def take(t: torch.Tensor, row: int | None, span: tuple[int, int] | None) -> torch.Tensor:
@@ -211,9 +314,11 @@ def cut_dump(dump: Dump, mapping=None, *, keep=None, stages=None, side: str | No
             continue
         # The reference runs one sequence per forward, so (key, phase, step,
         # call) repeats once per sequence; shards of one forward share seq_ids.
-        groups[(key, rec.phase, rec.step, rec.call, tuple(rec.seq_ids or ()))].append(rec)
+        # (and one forward of a prompt split over several: its first positions)
+        groups[(key, rec.phase, rec.step, rec.call, tuple(rec.seq_ids or ()),
+                tuple(rec.meta.get("start_positions") or ()))].append(rec)
     partial = set()
-    for (key, phase, step, call, _), recs in groups.items():
+    for (key, phase, step, call, _, _), recs in groups.items():
         recs.sort(key=lambda r: r.rank)
         ranks = [r.rank for r in recs]
         if len(set(ranks)) != len(ranks):
@@ -255,6 +360,10 @@ def cut_dump(dump: Dump, mapping=None, *, keep=None, stages=None, side: str | No
     if partial:
         side.notes.append(f"{dump.path}: {len(partial)} sharded record(s) miss ranks and were compared rank "
                           f"by rank, e.g. {sorted(partial)[0]}")
+    side.pieces, stitched = _by_position(side.pieces, dump)
+    if stitched:
+        side.notes.append(f"{dump.path}: {stitched} prompt piece(s) computed in several prefill chunks were "
+                          "stitched back by position")
     side.pieces.sort(key=lambda p: p.order)
     return side
 

@@ -160,6 +160,7 @@ _META_RULES = {
     "shard_reduce": (lambda v: v is None or v == "sum", "'sum'"),
     "padding_side": (lambda v: v in ("left", "right"), "'left' or 'right'"),
     "pad_rows": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "rows": (lambda v: v in ("tokens", "entries"), "'tokens' or 'entries'"),
 }
 
 

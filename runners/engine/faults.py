@@ -39,6 +39,8 @@ FAULTS: dict[str, str] = {
                                  "after the first in a batch",
     "sinkhorn_bf16": "the hyper-connection Sinkhorn normalisation runs in bf16 where the reference uses fp32 "
                      "(a precision bug: bf16 and fp8 only)",
+    "chunk_window_stale": "a prompt's second and later prefill chunks read the sliding-window keys of the "
+                          "previous chunk one ring row off (only with chunked prefill)",
     # Tensor-parallel bugs: inert at TP=1 (docs/engine.md, Tensor parallelism).
     "tp_missing_all_reduce": "the row-parallel o_b_proj's partial sums are not all-reduced: every rank goes on "
                              "with its own share of the attention output (tensor parallel only)",

@@ -115,6 +115,12 @@ def build(cfg: ModelConfig, chunks: list[SeqChunk], num_slots: int, block_size: 
     kpos = positions.unsqueeze(1) - (W - 1) + torch.arange(W).unsqueeze(0)
     tb = token_seq.unsqueeze(1)
     win_idx = _ring_source(kpos, starts[tb], cu[tb], slots[tb], W, S)
+    if faults.active("chunk_window_stale") and phase == "prefill":
+        # FAULT chunk_window_stale: a continuing prompt chunk (start > 0) reads the keys an earlier chunk
+        # left in the ring at p + 1 instead of p: the state carried between chunks is read off by one row.
+        # A prompt in one forward never reads its ring, so unchunked runs are right.
+        stale = slots[tb] * W + (kpos + 1).remainder(W)
+        win_idx = torch.where((kpos >= 0) & (kpos < starts[tb]) & (starts[tb] > 0), stale, win_idx)
     win_dst, win_src = _ring_writes(starts, ends, cu, slots, W)
     if faults.active("window_ring_collision"):
         # FAULT window_ring_collision: a chunk longer than the window goes through a bulk write that takes

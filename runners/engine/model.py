@@ -193,7 +193,9 @@ class Compressor(WindowCompressor):
         lc = ctx.cache.layers[self.layer_idx]
         cos, sin = ctx.entry_rope[self.layer_type]
         emitted = self.compress(x, cm, lc.cmp_kv, lc.cmp_gate, lc.cmp_pool, cos, sin)
-        tap(f"model.layers.{self.layer_idx}.self_attn.compressed_kv", emitted, cu_seqlens=cm.emitted_cu)
+        # rows are compressed entries, not tokens: a prompt in chunks emits them chunk by chunk
+        tap(f"model.layers.{self.layer_idx}.self_attn.compressed_kv", emitted, cu_seqlens=cm.emitted_cu,
+            rows="entries")
         if self.indexer is None:
             return emitted, cm.attn_idx
         top = self.indexer(x, q_res, ctx, cm, lc)
