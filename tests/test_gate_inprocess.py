@@ -62,7 +62,7 @@ def test_engine_unavailable_is_exit_2(tmp_path, data, monkeypatch):
     r = CliRunner().invoke(cli, ["gate", "gsm8k", "--engine", str(tmp_path), "--data", str(data),
                                  "--no-progress"])
     assert r.exit_code == 2
-    assert "--engine needs the project's engine" in r.output and "Traceback" not in r.output
+    assert "--engine needs the engine's own packages" in r.output and "Traceback" not in r.output
 
 
 def test_parity_does_not_import_runners_or_reference_models():

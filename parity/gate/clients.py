@@ -2,10 +2,9 @@
 
 - ``EndpointSource``: any OpenAI-compatible ``/v1/completions`` server,
   standard library only (urllib + a thread pool), with retries.
-- ``EngineSource`` / ``ReferenceSource``: this project's engine and the
-  transformers reference, run in process. ``parity`` must not import
-  ``runners`` or ``reference_models`` at import time (a user with another
-  engine installs ``parity`` alone), so both resolve their module lazily.
+- ``EngineSource`` / ``ReferenceSource``: an engine and a reference run in
+  process, by the sources an installed package declares (entry point group
+  ``parity.gate_sources``); parity knows no engine of its own.
 - ``load_lm_eval``: results (and per-sample logs) that lm-eval already
   computed.
 
@@ -15,7 +14,6 @@ scoring live in ``parity.gate.run`` so every source is treated the same.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import socket
@@ -250,12 +248,25 @@ class EndpointSource(AnswerSource):
 
 # --------------------------------------------------------------------------- in-process
 
-def _import_optional(module: str, flag: str, what: str):
+# Installed packages declare their in-process sources under this entry point
+# group: name -> factory(ckpt, *, precision, device) returning
+# run(prompts, *, max_new_tokens, stop) -> [(text, prompt token ids or None)].
+# This repository's engine declares "engine" and "reference".
+SOURCES_GROUP = "parity.gate_sources"
+
+
+def _plugin(name: str, flag: str):
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group=SOURCES_GROUP)}
+    if name not in eps:
+        raise ParityError(f"{flag} needs an in-process {name!r} answer source, and no installed package declares "
+                          f"one (entry point group {SOURCES_GROUP}); serve the model and give --endpoint instead")
     try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ParityError(f"{flag} needs {what} (module {module}), which cannot be imported "
-                          f"here: {exc}") from None
+        return eps[name].load()
+    except Exception as exc:  # noqa: BLE001 - the declaring package is broken, not the user's input
+        raise ParityError(f"{flag}: the {name!r} answer source ({eps[name].value}) could not load: "
+                          f"{type(exc).__name__}: {exc}") from None
 
 
 def _batched(seq: Sequence, n: int):
@@ -263,79 +274,55 @@ def _batched(seq: Sequence, n: int):
         yield i, seq[i:i + n]
 
 
-class EngineSource(AnswerSource):
-    """This project's engine, in process."""
+class InProcessSource(AnswerSource):
+    """A model run in this process by the source an installed package declares."""
 
     kind = "engine"
+    batch = 16
 
-    def __init__(self, ckpt: str, precision: str | None = None, batch_size: int = 16,
+    def __init__(self, ckpt: str, precision: str | None = None, batch_size: int | None = None,
                  device: str | None = None):
         if not Path(ckpt).exists():
-            raise ParityError(f"--engine {ckpt}: no such checkpoint")
-        self.ckpt, self.precision, self.batch_size = ckpt, precision, max(1, batch_size)
-        self.device = device
-        self._engine = None
+            raise ParityError(f"--{self.kind} {ckpt}: no such checkpoint")
+        self.ckpt, self.precision, self.device = ckpt, precision, device
+        self.batch_size = max(1, batch_size or self.batch)
+        self._run = None
 
     def describe(self):
         return {"kind": self.kind, "ckpt": str(self.ckpt), "precision": self.precision,
                 "device": self.device}
 
-    def _load(self):
-        if self._engine is None:
-            mod = _import_optional("runners.engine", "--engine", "the project's engine")
-            Engine = getattr(mod, "Engine", None)
-            if Engine is None:
-                raise ParityError("--engine: runners.engine has no Engine class yet")
-            # Only what the user chose: the engine's own defaults stay its own.
-            kwargs = {k: v for k, v in (("precision", self.precision), ("device", self.device))
-                      if v is not None}
-            self._engine = Engine(self.ckpt, **kwargs)
-        return self._engine
-
     def generate(self, prompts, *, max_new_tokens, stop, on_done, progress=True):
-        engine = self._load()
-        with progress_bar(len(prompts), "gsm8k engine", progress) as bar:
+        if self._run is None:
+            factory = _plugin(self.kind, f"--{self.kind}")
+            try:
+                self._run = factory(self.ckpt, precision=self.precision, device=self.device)
+            except ImportError as exc:
+                raise ParityError(f"--{self.kind} needs the {self.kind}'s own packages, which cannot be imported "
+                                  f"here: {exc}") from None
+        with progress_bar(len(prompts), f"gsm8k {self.kind}", progress) as bar:
             for start, chunk in _batched(list(prompts), self.batch_size):
-                results = engine.generate(list(chunk), max_new_tokens=max_new_tokens, greedy=True,
-                                          stop=list(stop))
-                if len(results) != len(chunk):
-                    raise ParityError(f"engine returned {len(results)} results for {len(chunk)} prompts")
-                for k, r in enumerate(results):
-                    ids = getattr(r, "prompt_ids", None)
-                    on_done(start + k, Answer(getattr(r, "text", r), list(ids) if ids is not None else None))
+                outs = self._run(list(chunk), max_new_tokens=max_new_tokens, stop=list(stop))
+                if len(outs) != len(chunk):
+                    raise ParityError(f"the {self.kind} source returned {len(outs)} answers for {len(chunk)} prompts")
+                for k, (text, ids) in enumerate(outs):
+                    on_done(start + k, Answer(text, list(ids) if ids is not None else None))
                 bar.update(len(chunk))
 
 
-class ReferenceSource(AnswerSource):
-    """The transformers reference, in process, greedy with stop sequences."""
+class EngineSource(InProcessSource):
+    """The installed engine's source (``--engine``), batched."""
 
-    kind = "reference"
+    kind, batch = "engine", 16
+
+
+class ReferenceSource(InProcessSource):
+    """The installed reference's source (``--reference``), one prompt at a time."""
+
+    kind, batch = "reference", 1
 
     def __init__(self, ckpt: str, precision: str | None = None, device: str | None = None):
-        if not Path(ckpt).exists():
-            raise ParityError(f"--reference {ckpt}: no such checkpoint")
-        self.ckpt, self.precision, self.device = ckpt, precision, device
-        self._gen = None
-
-    def describe(self):
-        return {"kind": self.kind, "ckpt": str(self.ckpt), "precision": self.precision,
-                "device": self.device}
-
-    def generate(self, prompts, *, max_new_tokens, stop, on_done, progress=True):
-        if self._gen is None:
-            mod = _import_optional("runners.reference_generate", "--reference",
-                                   "the reference generator and reference_models.load")
-            try:
-                self._gen = mod.ReferenceGenerator.from_checkpoint(self.ckpt, self.precision,
-                                                                   self.device)
-            except ImportError as exc:
-                raise ParityError(f"--reference needs reference_models.load, which cannot be "
-                                  f"imported here: {exc}") from None
-        with progress_bar(len(prompts), "gsm8k reference", progress) as bar:
-            for i, p in enumerate(prompts):
-                (text,) = self._gen.generate([p], max_new_tokens=max_new_tokens, stop=list(stop))
-                on_done(i, Answer(text))
-                bar.update(1)
+        super().__init__(ckpt, precision, None, device)
 
 
 # --------------------------------------------------------------------------- lm-eval
