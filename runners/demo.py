@@ -60,6 +60,14 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+def default_data_path() -> Path:
+    """GSM8K's test split where this repository's machines keep it (next to
+    the checkout, never inside it), unless PARITY_GSM8K_DATA says otherwise."""
+    from parity.gate.task import default_data_path as named
+
+    return named() or _repo_root().parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "parity"
@@ -87,7 +95,7 @@ def resolve_checkpoint(ckpt: str | None, say=lambda msg: None) -> Path:
 
 def demo_prompts(n: int, data: str | None) -> tuple[list[str], str]:
     """``n`` 0-shot GSM8K prompts and where they came from."""
-    from parity.gate.task import default_data_path, doc_to_text, load_docs
+    from parity.gate.task import doc_to_text, load_docs
 
     if n < 1:
         raise ParityError("--questions must be >= 1")

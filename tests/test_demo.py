@@ -126,10 +126,10 @@ def test_force_replaces_only_the_demo_files(tmp_path):
 
 
 def test_builtin_questions_when_gsm8k_is_missing(tmp_path, monkeypatch):
-    import parity.gate.task as task
+    import runners.demo as demo
     from runners.demo import demo_prompts
 
-    monkeypatch.setattr(task, "default_data_path", lambda: tmp_path / "missing.jsonl")
+    monkeypatch.setattr(demo, "default_data_path", lambda: tmp_path / "missing.jsonl")
     prompts, source = demo_prompts(3, None)
     assert len(prompts) == 3 and source.startswith("built-in")
     assert all(p.startswith("Question: ") and p.endswith("\nAnswer:") for p in prompts)

@@ -146,7 +146,7 @@ def test_tokenizer_round_trips_gsm8k_text(tiny_ckpt):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
     assert len(tok) == 4096
     texts = list(GSM8K_SAMPLES)
-    from parity.gate.task import default_data_path
+    from runners.demo import default_data_path
 
     data = default_data_path()
     if data.is_file():

@@ -44,7 +44,7 @@ def gate():
               help="Prompts per --engine generate call.")
 @click.option("--data", "data", metavar="PATH", default=None,
               help="GSM8K test split (jsonl of question/answer) "
-                   "[default: ../shared/data/gsm8k/test.jsonl from the repo root].")
+                   "[default: the file PARITY_GSM8K_DATA names].")
 @click.option("--fewshot-data", metavar="PATH", default=None,
               help="GSM8K train split for the fewshot examples [default: train.jsonl next to --data].")
 @click.option("--limit", type=int, default=100, show_default=True, help="First N test questions.")

@@ -32,12 +32,16 @@ FEWSHOT_SEED = 1234
 LM_EVAL_DEFAULT_NUM_FEWSHOT = 5
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+DATA_ENV = "PARITY_GSM8K_DATA"
 
 
-def default_data_path() -> Path:
-    return repo_root().parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+def default_data_path() -> Path | None:
+    """The GSM8K test split named by PARITY_GSM8K_DATA; None when unset
+    (parity ships no data and assumes no folder layout)."""
+    import os
+
+    value = os.environ.get(DATA_ENV, "").strip()
+    return Path(value) if value else None
 
 
 def prompt_hash(prompt: str) -> str:
@@ -144,8 +148,9 @@ def load_task(data: str | Path | None = None, fewshot_data: str | Path | None = 
     train`` finds it."""
     if data is None:
         data = default_data_path()
-        if not data.is_file():
-            raise ParityError(f"no GSM8K test split at the default {data}; pass --data PATH "
+        if data is None or not data.is_file():
+            where = f"at {data} ({DATA_ENV})" if data is not None else f"given ({DATA_ENV} is not set)"
+            raise ParityError(f"no GSM8K test split {where}; pass --data PATH "
                               "(a jsonl of {\"question\", \"answer\"} objects)")
     test_docs = load_docs(data, "GSM8K test split")
     train_docs = None

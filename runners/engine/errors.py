@@ -1,8 +1,9 @@
-"""The engine's user-facing error type is parity's, when parity imports."""
+"""The engine's user-facing error type is parity's, when parity is installed
+(the engine runs without it)."""
 
 try:
     from parity.errors import ParityError
-except Exception:  # parity's package init may be mid-change in a shared checkout
+except ImportError:
     class ParityError(Exception):
         """Bad input or usage: a message for the user, never a traceback."""
 

@@ -102,8 +102,6 @@ class _Table:
         _load_backends()
         fns, choices, notes = {}, {}, []
         for name in OP_NAMES:
-            if "torch" not in _IMPLS[name]:
-                continue  # declared, not written yet
             c = _choose(name)
             fns[name] = _IMPLS[name][c.backend]
             choices[name] = c
