@@ -65,6 +65,8 @@ def flip_scale(members) -> tuple[float, str | None]:
     margins themselves (the scores differ beyond rounding), else None."""
     diffs, margins = [], []
     for a_ids, b_ids, m_a, m_b in members:
+        if _rows(a_ids).shape[0] != _rows(b_ids).shape[0]:
+            continue  # a layout problem, reported by the decision row itself
         a, b = pad_width(a_ids, b_ids)
         same = set_overlap(a, b) >= 1.0
         ma, mb = _rows_of(m_a), _rows_of(m_b)
@@ -92,6 +94,8 @@ def size_flips(a_ids, b_ids, m_a, m_b, *, scale: float) -> dict:
     """Flipped tokens of a decision pair (target a, reference b): ``near_tie``
     where the reference's margin is within NEAR_TIE x ``scale``, ``changed``
     beyond it."""
+    if _rows(a_ids).shape[0] != _rows(b_ids).shape[0]:
+        return {"error": f"{_rows(a_ids).shape[0]} vs {_rows(b_ids).shape[0]} decision rows"}
     a, b = pad_width(a_ids, b_ids)
     flipped = set_overlap(a, b) < 1.0
     mb = _rows_of(m_b)

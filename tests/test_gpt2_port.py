@@ -103,7 +103,8 @@ def test_parity_map_proposes_the_port_mapping(runs, tmp_path):
     assert pairs["norm_f:output"] == "transformer.ln_f:output" and not p.only_target
     out = tmp_path / "proposed.yaml"
     r = CliRunner().invoke(cli, ["map", "--ref", runs["ref"], "--target", runs["port"], "--out", str(out)])
-    assert r.exit_code == 0 and "70 of 70 target record(s) meet" in r.output, r.output
+    # all but the position embedding, [S, D] here against transformers' [1, S, D] (two pieces)
+    assert r.exit_code == 0 and "68 of 70 target record(s) meet" in r.output, r.output
     r = CliRunner().invoke(cli, ["map", "--ref", runs["ref"], "--target", runs["port"], "--out", str(out)])
     assert r.exit_code == 2 and "--force" in r.output
     # position embeddings: [1, S, D] in transformers, [S, D] in the port (a layout, not a name, differs)

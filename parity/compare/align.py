@@ -150,8 +150,12 @@ def prompt_lens(dump: Dump) -> list[int] | None:
     run = dump.run if isinstance(dump.run, dict) else {}
     if isinstance(run.get("prompt_lens"), list):
         return run["prompt_lens"]
-    ids = run.get("token_ids")
-    return [len(t) for t in ids] if isinstance(ids, list) and all(isinstance(t, list) for t in ids) else None
+    ids, gen = run.get("token_ids"), run.get("generated")
+    if not (isinstance(ids, list) and all(isinstance(t, list) for t in ids)):
+        return None
+    if isinstance(gen, list) and len(gen) == len(ids) and all(isinstance(g, list) for g in gen):
+        return [len(t) - len(g) for t, g in zip(ids, gen)]  # token_ids hold the generated tokens too
+    return [len(t) for t in ids]
 
 
 def position_label(rec: Record, seq: int | None, lens: list[int] | None):

@@ -228,7 +228,9 @@ class Engine:
             self.requests[rid].seq_index = i
             rids.append(rid)
         if self.capture is not None:
+            # prompt_lens: how a compare tells prompt rows from decode rows by position
             self.capture.set_run_info(token_ids=[self.requests[r].prompt_ids for r in rids],
+                                      prompt_lens=[len(self.requests[r].prompt_ids) for r in rids],
                                       impl="engine", precision=self.precision)
         while self.has_unfinished():
             if not self.step():
