@@ -103,50 +103,25 @@ class SideBySide:
 # ---------------------------------------------------------------- faults
 
 
-def known_faults() -> list[str] | None:
-    """Fault names of the engine's bug zoo, or None when the engine has none
-    (then any name is passed through unchecked)."""
-    try:
-        from runners.engine import faults
-    except ImportError:
-        return None
-    for attr in ("FAULTS", "REGISTRY", "ZOO"):
-        reg = getattr(faults, attr, None)
-        if reg is not None:
-            return sorted(reg)
-    for attr in ("names", "list_faults", "available"):
-        fn = getattr(faults, attr, None)
-        if callable(fn):
-            return sorted(fn())
-    return None
+def known_faults() -> list[str]:
+    """Fault names of the engine's bug zoo."""
+    from runners.engine import faults
+
+    return sorted(faults.FAULTS)
 
 
 def fault_precisions(name: str) -> tuple[str, ...] | None:
-    """The precisions at which a fault does anything, or None for all: from
-    the zoo's ``PRECISIONS`` table when it has one, else from the "(fp8
-    only)" / "(... bf16 and fp8 only)" note in the fault's description."""
-    import re
+    """The precisions at which a fault does anything, or None for all."""
+    from runners.engine import faults
 
-    try:
-        from runners.engine import faults
-    except ImportError:
-        return None
-    table = getattr(faults, "PRECISIONS", None)
-    if isinstance(table, dict) and name in table:
-        return tuple(table[name]) or None
-    text = str(getattr(faults, "FAULTS", {}).get(name, ""))
-    note = re.search(r"\(([^()]*)\bonly\)", text)
-    if note is None:
-        return None
-    found = tuple(p for p in PRECISIONS if re.search(rf"\b{p}\b", note.group(1)))
-    return found or None
+    return tuple(faults.PRECISIONS.get(name, ())) or None
 
 
 def check_fault(name: str | None) -> None:
     if not name:
         return
     names = known_faults()
-    if names is not None and name not in names:
+    if name not in names:
         raise ParityError(f"unknown fault {name!r} (known: {', '.join(names) or 'none'})")
 
 
