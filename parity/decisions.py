@@ -157,6 +157,7 @@ def weight_error(ids_a, w_a, ids_b, w_b) -> torch.Tensor:
 class DecisionResult:
     table: pd.DataFrame             # per (layer, decision): overlap, flips, weight error
     notes: list[str] = field(default_factory=list)
+    missing: str | None = None      # why the reference's decision taps missing from the target fail it
 
     @property
     def exit_code(self) -> int:
@@ -262,6 +263,10 @@ def compare_decisions(ref, target, *, mapping=None, preset: str | None = None, f
     keep = lambda k: decision_kind(k) is not None and (pat is None or pat.search(k) is not None)
     al = align(cut_dump(rd, mapping, keep=keep, side="ref"), cut_dump(td, mapping, keep=keep, side="target"))
     res = decisions_from_alignment(al, rd, td)
+    if al.only_ref:
+        from parity.compare.api import missing_message
+
+        res.missing = missing_message(len(al.only_ref), len({p.key for p in al.only_ref}))
     if not al.pairs:
         res.notes.append("no decision taps (indexer.topk, topk_ids, topk_weights) found on both sides")
     return res

@@ -387,7 +387,6 @@ def topk_cmd(ref, target, map_file, preset, fmt, out, force, filter_, allow_inco
     differs, and the routing-weight error aligned by expert id. Exit 1 when
     any decision differs.
     """
-    from parity.compare.api import missing_decisions
     from parity.decisions import compare_decisions
 
     io = _pair_inputs(ref, target, no_verify=no_verify, allow_incomplete=allow_incomplete, out=out, force=force,
@@ -398,7 +397,7 @@ def topk_cmd(ref, target, map_file, preset, fmt, out, force, filter_, allow_inco
     if rx is not None and not len(t):
         raise filter_matched_nothing(filter_, "decision tap (indexer.topk, topk_ids, topk_weights) found on "
                                               "both sides")
-    missing = missing_decisions(io["reference"], io["target"], mapping=map_file, preset=preset, filter=rx)
+    missing = res.missing
     differ = t[t["frac_tokens_differ"] > 0] if len(t) else t
     summary = {"decisions": len(t), "differ": len(differ)}
     if missing:

@@ -419,20 +419,3 @@ def compare_dumps(ref, target, *, mapping=None, preset: str | None = None, floor
     if noise is not None:
         notes.append(f"verdicts against a noise model of {len(noise)} perturbed reference runs")
     return CompareResult(table, _only_frame(al.only_ref), _only_frame(al.only_target), notes, dec, fd is not None)
-
-
-def missing_decisions(ref, target, *, mapping=None, preset: str | None = None, filter=None) -> str | None:
-    """The missing-records line for decision taps (``parity topk``): pieces
-    of the reference's decision taps with no partner in the target; None
-    when every one has one. Reads manifests only."""
-    from parity.decisions import decision_kind
-
-    rd, td = as_dump(ref), as_dump(target)
-    if mapping is None or isinstance(mapping, str):
-        mapping = resolve_mapping(mapping, preset, dumps=(rd, td))
-    pat = re.compile(filter) if isinstance(filter, str) else filter
-    keep = lambda k: decision_kind(k) is not None and (pat is None or pat.search(k) is not None)
-    al = align(cut_dump(rd, mapping, keep=keep, side="ref"), cut_dump(td, mapping, keep=keep, side="target"))
-    if not al.only_ref:
-        return None
-    return missing_message(len(al.only_ref), len({p.key for p in al.only_ref}))
