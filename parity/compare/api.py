@@ -102,7 +102,10 @@ def token_median_error(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """Median over tokens (the first dim) of ||a_t - b_t|| / ||b_t||: an
     error that every token carries moves it, one that a few tokens carry
     (a flipped routing choice, say) does not. None below two dims."""
-    e = per_token_error(a, b)
+    return _median(per_token_error(a, b))
+
+
+def _median(e: torch.Tensor | None) -> float | None:
     return float(e.nanmedian()) if e is not None and e.numel() else None
 
 
@@ -120,15 +123,15 @@ def per_token_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return torch.cat(errs)
 
 
-def _where_in_record(a: torch.Tensor, b: torch.Tensor, limit: float) -> tuple[int | None, str]:
-    """For a failing pair: the token with the largest error and how many
-    tokens exceed ``limit``, so that an error a few tokens carry reads apart
-    from one in every token."""
-    e = per_token_error(a, b)
+def _where_in_record(e: torch.Tensor | None, limit: float) -> tuple[int | None, str]:
+    """For a failing pair, from its per-token errors ``e``: the token with the
+    largest error and how many tokens exceed ``limit``, so that an error a
+    few tokens carry reads apart from one in every token."""
     if e is None or e.numel() < 2:
         return None, ""
-    worst = int(e.nan_to_num(nan=float("inf")).argmax())
-    over = int((e.nan_to_num(nan=float("inf")) > limit).sum())
+    e_inf = e.nan_to_num(nan=float("inf"))
+    worst = int(e_inf.argmax())
+    over = int((e_inf > limit).sum())
     return worst, f"{over} of {e.numel()} tokens beyond the limit, worst token {worst} ({float(e[worst]):.1e})"
 
 
@@ -203,8 +206,10 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision,
     floats = a.is_floating_point() and b.is_floating_point()
     coarser = (a.dtype if torch.finfo(a.dtype).eps >= torch.finfo(b.dtype).eps else b.dtype) if floats else None
     row.update(rel_l2=m.get("rel_l2"), cos=m.get("cos"), max_abs=m.get("max_abs"), frac_equal=m.get("frac_equal"))
+    per_token = None  # computed once, for the token median and a failure's worst token
     if token_errors and m.get("rel_l2") is not None:
-        row["token_median"] = token_median_error(a, b)
+        per_token = per_token_error(a, b)
+        row["token_median"] = _median(per_token)
     v = verdict_for(m, precision=precision)
     if fdump is not None and m.get("rel_l2") is not None and floats:
         if floor_piece is None:
@@ -239,7 +244,9 @@ def _row(pair: Pair, rdump, tdump, floor_piece, fdump, m_floor, atol, precision,
         v = Verdict("pass", "a decision's margin: judged with the decision, not by its own rel_l2")
     if v.status == "fail" and floats and not m.get("shape_mismatch"):
         t_lim = thresholds_for(a.dtype, b.dtype, precision=precision).rel_l2_fail
-        row["worst_token"], where = _where_in_record(a, b, t_lim)
+        if per_token is None:
+            per_token = per_token_error(a, b)
+        row["worst_token"], where = _where_in_record(per_token, t_lim)
         if where:
             notes.append(where)
         blame = shard_blame(t, own, b, lambda x, y: (_metrics(x, y).get("rel_l2") or 0.0) > t_lim)
