@@ -193,13 +193,11 @@ def _by_position(pieces: list[Piece], dump: Dump) -> tuple[list[Piece], int]:
             out.append(replace(p, phase=phase, step=step))
             continue
         r, plen = p.rec, lens[p.seq]
-        rows = r.meta.get("rows", "tokens")
-        per_token = r.cu_seqlens is not None and r.shape and r.shape[0] == r.cu_seqlens[-1] + r.meta.get("pad_rows", 0)
-        if rows == "entries":
+        if r.meta.get("rows") == "entries":
             # compressed entries a chunk emitted: in order, whatever their count
             chunks[(p.key, p.call, p.seq, p.rank, "entries")].append((start, None, p))
             continue
-        if not per_token or p.span is None:
+        if not _per_token(r) or p.span is None:
             # one row per forward (a chunk's last row): the prompt's is the last chunk's
             k = (p.key, p.call, p.seq, p.rank)
             if k not in last_rows or start > last_rows[k][0]:
@@ -248,6 +246,15 @@ def squeeze_leading(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _per_token(rec: Record) -> bool:
+    """A ragged record with one row per token of its forward: dim 0 is where
+    ``cu_seqlens`` ends, or that plus the rows the run declares padding (a
+    batch padded to a captured graph's size), which are never compared."""
+    cu, pad = rec.cu_seqlens, rec.meta.get("pad_rows", 0)
+    dim0 = rec.shape[0] if rec.shape else None
+    return cu is not None and (dim0 == cu[-1] or bool(pad) and dim0 == cu[-1] + pad)
+
+
 def _cut(rec: Record) -> list[tuple[int | None, int | None, tuple[int, int] | None, str | None]]:
     """(seq_id, batch row, token span, error) for every sequence ``rec`` covers."""
     seq_ids = rec.seq_ids
@@ -259,9 +266,7 @@ def _cut(rec: Record) -> list[tuple[int | None, int | None, tuple[int, int] | No
         if len(cu) != len(seq_ids) + 1:
             return [(s, None, None, f"cu_seqlens has {len(cu)} entries for {len(seq_ids)} sequences")
                     for s in seq_ids]
-        # rows past the last sequence that the run declares padding (a batch
-        # padded to a captured graph's size) are never compared
-        if dim0 == cu[-1] or dim0 == cu[-1] + rec.meta.get("pad_rows", 0) and rec.meta.get("pad_rows"):
+        if _per_token(rec):
             return [(s, None, (cu[i], cu[i + 1]), None) for i, s in enumerate(seq_ids)]
         if dim0 == len(seq_ids):
             # One row per sequence (e.g. last-token logits) in a ragged forward.
