@@ -17,6 +17,7 @@ enters, even when no pair fails.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -146,10 +147,10 @@ def _profile_entries(curve: pd.DataFrame) -> tuple[list[int], float | None]:
     """Layers whose error jumps beyond how the layers typically grow it, and
     that typical (median) growth."""
     g = [(int(r.layer), _growth(r.err, r.input_err), r.verdict) for r in curve.itertuples(index=False)]
-    finite = sorted(x for _, x, _ in g if x is not None and math.isfinite(x))
+    finite = [x for _, x, _ in g if x is not None and math.isfinite(x)]
     if not finite:
         return [], None
-    typical = finite[len(finite) // 2] if len(finite) % 2 else (finite[len(finite) // 2 - 1] + finite[len(finite) // 2]) / 2
+    typical = statistics.median(finite)
     limit = PROFILE_JUMP * max(1.0, typical)
     return [L for L, x, v in g if x is not None and x >= limit and v != "pass"], typical
 

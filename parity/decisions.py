@@ -23,8 +23,9 @@ DECISION_TAPS = ((".indexer.topk", "topk"), (".topk_ids", "ids"), (".topk_weight
 # An implementation may tap, next to a decision, the margin each token's
 # choice was made by: the k-th largest selection score minus the (k+1)-th
 # (``topk_margin``). A flip is a near-tie only when that margin is within
-# NEAR_TIE times the largest margin difference the two runs show at the
-# tokens where they agree: the scores' own rounding, measured on the pair.
+# NEAR_TIE times the margin difference the two runs show at nine in ten of
+# the tokens where they agree (flip_scale): the scores' own rounding,
+# measured on the pair, pooled over the record's steps and sequences.
 MARGIN_OF = {".topk_ids": ".topk_margin", ".indexer.topk": ".indexer.topk_margin"}
 NEAR_TIE = 4.0
 # Margins that differ, where decisions agree, by this share of a typical
